@@ -1,0 +1,293 @@
+"""Tasks: the hub users create. It holds the registry and the store, binds to a FastHTML app and runs workers."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .context import _current
+from .encoding import MAX_PAYLOAD
+from .job import Job, JobRecord, JobState
+from .store import NewJob, Store
+from .store.sqlite import SQLiteStore
+from .task import Task, TaskOptions, _registry, task_name
+from .ui.status import status_routes
+from .worker import Worker
+
+__all__ = ["Tasks"]
+
+log = logging.getLogger("fh_tasks")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Default database file, relative to the working directory.
+DEFAULT_DB = "fh_tasks.db"
+#: Finished jobs are deleted this many seconds after they finish (None keeps them).
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+
+
+class _Batch:
+    "The jobs deferred during one request, stored together when the response starts."
+    __slots__ = ("jobs", "open", "ok")
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.open, self.ok = True, False
+
+
+_batch: ContextVar[_Batch | None] = ContextVar("fh_tasks_batch", default=None)
+
+
+class Tasks:
+    """Durable background tasks for a FastHTML (or Starlette) app.
+
+    Args:
+        app: the app to bind to (or call `init_app` later). Workers start and stop with its lifespan.
+        db: SQLite file of the embedded store (ignored when `store` is given).
+        store: any `fh_tasks.store.Store`.
+        workers: in-process workers started with the app (0: none; run `fh-tasks worker` beside it).
+        concurrency: jobs one worker runs at once.
+        queues: queues the in-process workers serve.
+        eager: run each job inline when it is stored (for tests).
+        durability: "normal" (survives process crashes) or "full" (fsync every commit, group commit).
+        lease: seconds a claimed job stays leased without a heartbeat before another worker may take it.
+        retention: seconds finished jobs are kept (None: forever).
+    """
+
+    def __init__(self, app: Any = None, *, db: str = DEFAULT_DB, store: Store | None = None, workers: int = 1,
+                 concurrency: int = 8, queues: Sequence[str] = ("default",), eager: bool = False,
+                 durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.01,
+                 grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
+                 clock: Callable[[], float] = time.time) -> None:
+        if workers < 0: raise ValueError(f"workers must be >= 0, not {workers}")
+        self.store: Any = store if store is not None else SQLiteStore(db, durability=durability, clock=clock)
+        self.clock = clock
+        self.registry: dict[str, Task[Any, Any]] = {}
+        self.workers, self.concurrency, self.queues = workers, concurrency, tuple(queues)
+        self.eager, self.lease, self.poll_interval, self.grace = eager, lease, poll_interval, grace
+        self.retention, self.max_payload = retention, max_payload
+        self._attached: list[Worker] = []
+        self._attached_lock = threading.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._own: list[Worker] = []
+        self._prune_at = 0.0
+        self._eager_lock = threading.Lock()
+        if hasattr(self.store, "on_commit"): self.store.on_commit.append(self._wake)
+        self.app = None
+        if app is not None: self.init_app(app)
+
+    # -- registry --------------------------------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: None = None, /, *, name: str | None = None, queue: str = "default", retries: int = 0,
+             retry_delay: float = 1.0, timeout: float | None = None, process: bool = False) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
+             retries: int = 0, retry_delay: float = 1.0, timeout: float | None = None,
+             process: bool = False) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a task: `@tasks.task` or `@tasks.task(retries=3, timeout=30)`.
+
+        Args:
+            name: stored name (default `module:qualname`); keep it stable while jobs are queued.
+            queue: queue its jobs go to.
+            retries: further attempts after a failure, with exponential backoff from `retry_delay` seconds.
+            timeout: seconds an attempt may run before it counts as failed.
+            process: run in a process pool (CPU-bound sync functions).
+        """
+        opts = TaskOptions(queue=queue, retries=retries, retry_delay=retry_delay, timeout=timeout, process=process)
+
+        def register(f: Callable[P, R]) -> Task[P, R]:
+            if isinstance(f, Task): raise TypeError(f"{f.name} is already a registered task")
+            if not callable(f): raise TypeError(f"@tasks.task needs a function, not {type(f).__name__}")
+            t: Task[P, R] = Task(self, f, name or task_name(f), opts)
+            if (old := self.registry.get(t.name)) is not None and old.fn is not f and getattr(old.fn, "__code__", None) is not getattr(f, "__code__", 0):
+                raise ValueError(f"two different functions are registered as task {t.name!r}; pass name=")
+            self.registry[t.name] = t
+            _registry[t.name] = t
+            return t
+
+        return register(fn) if fn is not None else register
+
+    # -- deferring -------------------------------------------------------------------------------
+    def _defer(self, new: NewJob) -> Job:
+        job = Job(self, new)
+        batch = _batch.get()
+        if batch is not None and batch.open: batch.jobs.append(job)
+        else: self._store_now([job])
+        return job
+
+    def _store_now(self, jobs: Sequence[Job]) -> None:
+        rows = [j.new for j in jobs if not j.stored]
+        if not rows: return
+        self.store.enqueue(rows)
+        for j in jobs: j.stored = True
+        if self.eager and _current.get() is None: self._run_eager()  # a task deferring runs in the drain already
+
+    async def _store_request(self, jobs: Sequence[Job]) -> None:
+        if getattr(self.store, "durability", "normal") == "full" and not self.eager:
+            # An fsync must not stall the event loop; concurrent requests share one commit.
+            await asyncio.get_running_loop().run_in_executor(None, self._store_now, jobs)
+        else:
+            self._store_now(jobs)
+
+    def _run_eager(self) -> None:
+        "Eager mode: drain due jobs now, in a helper thread with its own loop, and wait for it."
+        with self._eager_lock:
+            w = Worker(self, concurrency=1, queues=tuple({t.options.queue for t in self.registry.values()} | set(self.queues)),
+                       lease=self.lease, burst=True, eager=True, poll_interval=0.001)
+            th = threading.Thread(target=asyncio.run, args=(w.run(),), name="fh-tasks-eager")
+            th.start()
+            th.join()
+
+    # -- reading and managing jobs ---------------------------------------------------------------
+    def get(self, id: str) -> JobRecord | None:
+        "The stored job with this id, or None."
+        return self.store.get(id)
+
+    def jobs(self, state: str | JobState | None = None, task: str | Task[Any, Any] | None = None,
+             limit: int = 100, offset: int = 0) -> list[JobRecord]:
+        "Stored jobs, newest first, optionally of one state and one task."
+        if isinstance(task, Task): task = task.name
+        if state is not None: state = JobState(state).value
+        return self.store.jobs(state=state, task=task, limit=limit, offset=offset)
+
+    def counts(self) -> dict[str, int]:
+        "Number of jobs in each state."
+        return self.store.counts()
+
+    def cancel(self, id: str) -> bool:
+        "Cancel a job that has not started (and the rest of its chain); True when it was cancelled."
+        return self.store.cancel(id)
+
+    def retry(self, id: str) -> bool:
+        "Queue a failed or cancelled job again, with fresh attempts; True when it was requeued."
+        return self.store.requeue(id)
+
+    def prune(self, older_than: float) -> int:
+        "Delete finished jobs that finished more than `older_than` seconds ago; returns how many."
+        total, before = 0, self.clock() - older_than
+        while (n := self.store.prune(before)): total += n
+        return total
+
+    def _maybe_prune(self) -> None:
+        if self.retention is None: return
+        now = time.monotonic()
+        if now < self._prune_at: return
+        self._prune_at = now + 60
+        self.prune(self.retention)
+
+    # -- workers ---------------------------------------------------------------------------------
+    def worker(self, **kw: Any) -> Worker:
+        "A worker for this hub, with the hub's settings unless overridden."
+        opts = dict(concurrency=self.concurrency, queues=self.queues, lease=self.lease,
+                    poll_interval=self.poll_interval, grace=self.grace)
+        return Worker(self, **{**opts, **kw})
+
+    async def start(self) -> None:
+        "Start the in-process workers on the running loop (done by the app's lifespan)."
+        if self.eager or self._tasks: return
+        for _ in range(self.workers):
+            w = self.worker()
+            self._own.append(w)
+            self._tasks.append(asyncio.ensure_future(w.run()))
+        await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        "Stop the in-process workers: running jobs get the grace period, the rest go back to the queue."
+        for w in self._own: w.stop()
+        if self._tasks: await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks, self._own = [], []
+
+    def _attach(self, w: Worker) -> None:
+        with self._attached_lock: self._attached.append(w)
+
+    def _detach(self, w: Worker) -> None:
+        with self._attached_lock:
+            if w in self._attached: self._attached.remove(w)
+
+    def _wake(self) -> None:
+        for w in list(self._attached): w.wake()
+
+    def _finished(self) -> None:
+        "Called after a worker records outcomes (a hook point for live views)."
+
+    def _worker_loop_is_current(self) -> bool:
+        try: loop = asyncio.get_running_loop()
+        except RuntimeError: return False
+        return any(w._loop is loop for w in self._attached)
+
+    # -- binding to an app -----------------------------------------------------------------------
+    def init_app(self, app: Any) -> None:
+        "Bind to a FastHTML/Starlette app: request-scoped job batches, and workers in the lifespan."
+        if self.app is not None: raise RuntimeError("this Tasks hub is already bound to an app")
+        self.app = app
+        state = app.state
+        if not getattr(state, "fh_tasks_middleware", False):
+            app.add_middleware(JobsMiddleware, after_hook=hasattr(app, "after"))
+            state.fh_tasks_middleware = True
+            if hasattr(app, "after"): app.after.append(_handler_returned)
+        for route in status_routes(self): app.router.routes.append(route)
+        ls = getattr(app, "lifespan", None)
+        if ls is not None and hasattr(ls, "startup") and hasattr(ls, "shutdown"):
+            ls.startup.append(self.start)
+            ls.shutdown.append(self.stop)
+        else:
+            _wrap_lifespan(app, self)
+
+
+def _handler_returned(resp: Any = None) -> None:
+    "FastHTML `after` hook: the handler returned, so the jobs it deferred may be stored."
+    b = _batch.get()
+    if b is not None: b.ok = True
+
+
+class JobsMiddleware:
+    """Collects the jobs deferred while handling a request and stores them in one transaction just before
+    the response starts. Jobs of a handler that raised are dropped. Later `defer()` calls store at once."""
+
+    def __init__(self, app: ASGIApp, after_hook: bool = True) -> None:
+        self.app, self.after_hook = app, after_hook
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        batch = _Batch()
+        token = _batch.set(batch)
+
+        async def send_jobs_first(message: Message) -> None:
+            if message["type"] == "http.response.start" and batch.open:
+                batch.open = False
+                # FastHTML apps: stored only if the handler returned (its `after` hook ran); others: no 5xx.
+                ok = batch.ok if self.after_hook else message["status"] < 500
+                if batch.jobs and ok:
+                    by_hub: dict[int, list[Job]] = {}
+                    for j in batch.jobs: by_hub.setdefault(id(j.hub), []).append(j)
+                    for jobs in by_hub.values(): await jobs[0].hub._store_request(jobs)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_jobs_first)
+        finally:
+            batch.open = False
+            _batch.reset(token)
+
+
+def _wrap_lifespan(app: Any, hub: Tasks) -> None:
+    from contextlib import asynccontextmanager
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> Any:
+        await hub.start()
+        try:
+            async with inner(a) as state: yield state
+        finally:
+            await hub.stop()
+
+    app.router.lifespan_context = lifespan

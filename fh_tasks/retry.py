@@ -1,0 +1,33 @@
+"""Retry policy: how many attempts a job gets and how long it waits between them. Pure, no I/O."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+__all__ = ["RetryPolicy"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    "Exponential backoff with jitter: attempt n waits `delay * factor**(n-1)`, stretched by up to `jitter`."
+    retries: int = 0
+    delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 3600.0
+    jitter: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.retries < 0: raise ValueError(f"retries must be >= 0, not {self.retries}")
+        if self.delay < 0: raise ValueError(f"retry_delay must be >= 0, not {self.delay}")
+        if self.factor < 1: raise ValueError(f"retry backoff factor must be >= 1, not {self.factor}")
+        if not 0 <= self.jitter < 1: raise ValueError(f"jitter must be in [0, 1), not {self.jitter}")
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def backoff(self, attempt: int, rnd: float | None = None) -> float:
+        "Seconds to wait after failed attempt number `attempt` (1-based)."
+        base = min(self.max_delay, self.delay * self.factor ** max(0, attempt - 1))
+        r = random.random() if rnd is None else rnd
+        return min(self.max_delay, base * (1 + self.jitter * r))

@@ -1,0 +1,85 @@
+-- Named queries, loaded by name into a dict. Times are Unix seconds (REAL).
+
+-- name: insert
+INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent)
+VALUES (:id, :task, :queue, :args, :state, :max_attempts, :timeout, :run_at, :created_at, :parent);
+
+-- name: claim
+-- One statement claims a batch: the due jobs of the queues, oldest first. attempts+1 is the new fencing token.
+UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
+       lease_until = :lease_until, started_at = :now
+ WHERE seq IN (SELECT seq FROM fh_jobs
+                WHERE state IN ('queued', 'scheduled', 'retrying') AND queue IN (SELECT value FROM json_each(:queues))
+                  AND run_at <= :now
+                ORDER BY run_at, seq LIMIT :limit)
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at;
+
+-- name: succeed
+UPDATE fh_jobs SET state = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_until = NULL
+ WHERE id = :id AND state = 'running' AND attempts = :attempt;
+
+-- name: fail
+UPDATE fh_jobs SET state = 'failed', error = :error, finished_at = :now, lease_until = NULL
+ WHERE id = :id AND state = 'running' AND attempts = :attempt;
+
+-- name: retry
+UPDATE fh_jobs SET state = 'retrying', error = :error, run_at = :run_at, lease_until = NULL
+ WHERE id = :id AND state = 'running' AND attempts = :attempt;
+
+-- name: release
+-- Graceful shutdown: give an unfinished job back without charging the attempt.
+UPDATE fh_jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL
+ WHERE id = :id AND state = 'running' AND attempts = :attempt;
+
+-- name: release_children
+UPDATE fh_jobs SET state = 'queued', run_at = :now WHERE parent = :id AND state = 'waiting';
+
+-- name: cancel_children
+UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
+ WHERE parent = :id AND state = 'waiting' RETURNING id;
+
+-- name: heartbeat
+UPDATE fh_jobs SET lease_until = :lease_until WHERE state = 'running' AND worker = :worker;
+
+-- name: expire
+-- Jobs whose worker stopped renewing the lease: back to the queue, or failed once out of attempts.
+UPDATE fh_jobs SET
+       state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+       finished_at = CASE WHEN attempts >= max_attempts THEN :now END,
+       error = :error, lease_until = NULL, worker = NULL
+ WHERE state = 'running' AND lease_until < :now
+RETURNING id, state;
+
+-- name: cancel
+UPDATE fh_jobs SET state = 'cancelled', finished_at = :now
+ WHERE id = :id AND state IN ('queued', 'scheduled', 'retrying', 'waiting');
+
+-- name: requeue
+-- Run a finished (failed or cancelled) job again, with a fresh set of attempts.
+UPDATE fh_jobs SET state = 'queued', run_at = :now, attempts = 0, finished_at = NULL, error = NULL, result = NULL
+ WHERE id = :id AND state IN ('failed', 'cancelled');
+
+-- name: progress
+UPDATE fh_jobs SET progress = :progress WHERE id = :id AND state = 'running' AND attempts = :attempt;
+
+-- name: get
+SELECT * FROM fh_jobs WHERE id = :id;
+
+-- name: counts
+SELECT state, count(*) AS n FROM fh_jobs GROUP BY state;
+
+-- name: prune
+DELETE FROM fh_jobs WHERE seq IN (
+    SELECT seq FROM fh_jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < :before LIMIT :limit);
+
+-- name: finished_since
+SELECT count(*) FROM fh_jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= :since;
+
+-- name: next_due
+SELECT min(run_at) FROM fh_jobs WHERE state IN ('queued', 'scheduled', 'retrying') AND queue IN (SELECT value FROM json_each(:queues));
+
+-- name: parent_state
+SELECT state FROM fh_jobs WHERE id = :id;
+
+-- name: unwait
+UPDATE fh_jobs SET state = 'queued', run_at = :now WHERE id = :id AND state = 'waiting';

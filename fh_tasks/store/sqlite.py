@@ -1,0 +1,289 @@
+"""SQLiteStore: the embedded job store, one SQLite file in WAL mode shared by any number of processes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import QueueBusy, QueueUnavailable, StoreError
+from ..job import JobRecord
+from . import Claim, NewJob, Outcome
+
+__all__ = ["SQLiteStore", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+#: Seconds a write waits for another process's lock before `QueueBusy` is raised.
+BUSY_TIMEOUT = 5.0
+# Connections inherited across fork() must never be used or closed in the child (sqlite howtocorrupt §2.6).
+_inherited: list[sqlite3.Connection] = []
+
+
+def _load_queries() -> dict[str, str]:
+    text = files(__package__).joinpath("queries.sql").read_text()
+    out: dict[str, str] = {}
+    for chunk in re.split(r"^-- name: ", text, flags=re.M)[1:]:
+        name, _, body = chunk.partition("\n")
+        out[name.strip()] = "\n".join(l for l in body.splitlines() if not l.lstrip().startswith("--")).strip()
+    return out
+
+
+Q = _load_queries()
+SCHEMA = files(__package__).joinpath("schema.sql").read_text()
+
+
+class SQLiteStore:
+    """Jobs in one SQLite file (WAL). Thread-safe: one connection per process, one lock around it.
+
+    `durability="normal"` (synchronous=NORMAL) survives any process crash; a power loss may drop the
+    last commits. `durability="full"` fsyncs every commit; concurrent enqueues share one commit.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = "fh_tasks.db", *, durability: Literal["normal", "full"] = "normal",
+                 busy_timeout: float = BUSY_TIMEOUT, clock: Callable[[], float] = time.time) -> None:
+        if durability not in ("normal", "full"): raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
+        self.path, self.durability, self.busy_timeout, self.clock = str(path), durability, busy_timeout, clock
+        self.memory = self.path == ":memory:"
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._pending: list[tuple[Sequence[NewJob], threading.Event]] = []
+        self._pending_lock = threading.Lock()
+        self.on_commit: list[Callable[[], None]] = []
+
+    # -- connection ------------------------------------------------------------------------------
+    def _check_path(self) -> None:
+        p = Path(self.path)
+        if not p.parent.is_dir():
+            raise QueueUnavailable(f"cannot open job store {self.path}: directory {p.parent} does not exist")
+        if p.exists():
+            if not os.access(p, os.R_OK | os.W_OK):
+                raise QueueUnavailable(f"cannot open job store {self.path}: the file is read-only for this user")
+        elif not os.access(p.parent, os.W_OK):
+            raise QueueUnavailable(f"cannot create job store {self.path}: directory {p.parent} is not writable")
+        else:  # create it private before SQLite does (0600), whatever the umask
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid(): return self._conn
+        if self._conn is not None: _inherited.append(self._conn)
+        if not self.memory: self._check_path()
+        try:
+            c = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+            c.row_factory = sqlite3.Row
+            if not self.memory:
+                mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal": raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
+            c.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
+            c.execute("PRAGMA journal_size_limit=67108864")
+            c.execute("PRAGMA temp_store=MEMORY")
+            self._migrate(c)
+        except sqlite3.Error as e:
+            raise self._wrap(e, "open") from e
+        self._conn, self._pid = c, os.getpid()
+        return c
+
+    def _migrate(self, c: sqlite3.Connection) -> None:
+        have = c.execute("SELECT name FROM sqlite_master WHERE name='fh_meta'").fetchone()
+        if have:
+            v = int(c.execute("SELECT value FROM fh_meta WHERE key='schema_version'").fetchone()[0])
+            if v != SCHEMA_VERSION:
+                raise StoreError(f"job store {self.path} has schema version {v}; this fh-tasks expects {SCHEMA_VERSION}")
+            return
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(SCHEMA): c.execute(stmt)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def _wrap(self, e: sqlite3.Error, doing: str) -> StoreError:
+        msg = str(e)
+        if "locked" in msg or "busy" in msg:
+            return QueueBusy(f"job store {self.path} stayed locked for {self.busy_timeout}s while trying to {doing}")
+        if "readonly" in msg or "read-only" in msg:
+            return QueueUnavailable(f"cannot {doing} job store {self.path}: it is read-only ({msg})")
+        if "full" in msg:
+            return QueueUnavailable(f"cannot {doing} job store {self.path}: the disk is full ({msg})")
+        if "unable to open" in msg or "disk I/O" in msg:
+            return QueueUnavailable(f"cannot {doing} job store {self.path}: {msg}")
+        return StoreError(f"job store {self.path} failed to {doing}: {msg}")
+
+    @contextmanager
+    def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
+        "A write transaction (BEGIN IMMEDIATE), rolled back on any error; sqlite errors become StoreErrors."
+        with self._lock:
+            c = self._connect()
+            try:
+                c.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise self._wrap(e, doing) from e
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException as e:
+                if c.in_transaction: c.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error): raise self._wrap(e, doing) from e
+                raise
+
+    def _read(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try: return self._connect().execute(sql, params).fetchall()
+            except sqlite3.Error as e: raise self._wrap(e, "read") from e
+
+    def data_version(self) -> int:
+        "Changes whenever another connection commits: a cheap way to notice new jobs."
+        return int(self._read("PRAGMA data_version")[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid(): self._conn.close()
+            self._conn = None
+
+    # -- writes ----------------------------------------------------------------------------------
+    def enqueue(self, jobs: Sequence[NewJob]) -> None:
+        if not jobs: return
+        if self.durability == "full": return self._group_enqueue(jobs)
+        with self._tx("enqueue") as c:
+            self._insert(c, jobs)
+        self._committed()
+
+    def _insert(self, c: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
+        c.executemany(Q["insert"], [(j.id, j.task, j.queue, j.args, j.state, j.max_attempts, j.timeout,
+                                     j.run_at, j.created_at, j.parent) for j in jobs])
+        for j in jobs:
+            if j.parent: self._settle_child(c, j)
+
+    def _settle_child(self, c: sqlite3.Connection, j: NewJob) -> None:
+        "A chained job stored after its parent already ended starts (or is cancelled) at once."
+        row = c.execute(Q["parent_state"], {"id": j.parent}).fetchone()
+        state = row[0] if row else "missing"
+        if state == "succeeded": c.execute(Q["unwait"], {"id": j.id, "now": self.clock()})
+        elif state in ("failed", "cancelled", "missing"):
+            c.execute(Q["cancel"], {"id": j.id, "now": self.clock()})
+            self._cancel_chain(c, j.id, self.clock())
+
+    def _group_enqueue(self, jobs: Sequence[NewJob]) -> None:
+        # Group commit: whoever holds the lock commits every batch that queued up behind it in one fsync.
+        done = threading.Event()
+        with self._pending_lock: self._pending.append((jobs, done))
+        with self._lock:
+            if done.is_set(): return
+            with self._pending_lock: batch, self._pending = self._pending, []
+            try:
+                with self._tx("enqueue") as c:
+                    for js, _ in batch: self._insert(c, js)
+            except BaseException:
+                with self._pending_lock: self._pending = [b for b in batch if b[1] is not done] + self._pending
+                raise
+            for _, ev in batch: ev.set()
+        self._committed()
+
+    def _committed(self) -> None:
+        for f in self.on_commit: f()
+
+    def claim(self, worker: str, queues: Sequence[str], limit: int, lease: float) -> list[Claim]:
+        now = self.clock()
+        with self._tx("claim jobs") as c:
+            rows = c.execute(Q["claim"], {"worker": worker, "lease_until": now + lease, "now": now,
+                                          "queues": json.dumps(list(queues)), "limit": limit}).fetchall()
+        out = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now) for r in rows]
+        out.sort(key=lambda cl: cl.created_at)
+        return out
+
+    def finish(self, outcomes: Iterable[Outcome]) -> int:
+        now, accepted = self.clock(), 0
+        with self._tx("record results") as c:
+            for o in outcomes:
+                p: dict[str, Any] = {"id": o.id, "attempt": o.attempt, "now": now}
+                if o.kind == "succeed": n = c.execute(Q["succeed"], {**p, "result": o.result}).rowcount
+                elif o.kind == "fail": n = c.execute(Q["fail"], {**p, "error": o.error}).rowcount
+                elif o.kind == "retry": n = c.execute(Q["retry"], {**p, "error": o.error, "run_at": o.run_at}).rowcount
+                else: n = c.execute(Q["release"], p).rowcount
+                accepted += n
+                if n and o.kind == "succeed": c.execute(Q["release_children"], p)
+                elif n and o.kind == "fail": self._cancel_chain(c, o.id, now)
+        return accepted
+
+    def _cancel_chain(self, c: sqlite3.Connection, id: str, now: float) -> None:
+        todo = [id]
+        while todo:
+            parent = todo.pop()
+            err = json.dumps({"type": "Cancelled", "message": f"an earlier job in its chain ({parent}) did not succeed"})
+            todo += [r[0] for r in c.execute(Q["cancel_children"], {"id": parent, "now": now, "error": err})]
+
+    def heartbeat(self, worker: str, lease: float) -> int:
+        with self._tx("renew leases") as c:
+            return c.execute(Q["heartbeat"], {"worker": worker, "lease_until": self.clock() + lease}).rowcount
+
+    def expire(self) -> list[tuple[str, str]]:
+        now = self.clock()
+        err = json.dumps({"type": "WorkerLost", "message": "the worker running this job stopped (its lease expired)"})
+        with self._tx("requeue expired jobs") as c:
+            rows = [(r[0], r[1]) for r in c.execute(Q["expire"], {"now": now, "error": err}).fetchall()]
+            for id, state in rows:
+                if state == "failed": self._cancel_chain(c, id, now)
+        if rows: self._committed()
+        return rows
+
+    def set_progress(self, id: str, attempt: int, progress: str) -> bool:
+        with self._tx("record progress") as c:
+            return c.execute(Q["progress"], {"id": id, "attempt": attempt, "progress": progress}).rowcount > 0
+
+    def cancel(self, id: str) -> bool:
+        now = self.clock()
+        with self._tx("cancel a job") as c:
+            ok = c.execute(Q["cancel"], {"id": id, "now": now}).rowcount > 0
+            if ok: self._cancel_chain(c, id, now)
+        return ok
+
+    def requeue(self, id: str) -> bool:
+        with self._tx("requeue a job") as c:
+            ok = c.execute(Q["requeue"], {"id": id, "now": self.clock()}).rowcount > 0
+        if ok: self._committed()
+        return ok
+
+    def prune(self, before: float, limit: int = 10_000) -> int:
+        with self._tx("prune finished jobs") as c:
+            return c.execute(Q["prune"], {"before": before, "limit": limit}).rowcount
+
+    # -- reads -----------------------------------------------------------------------------------
+    def get(self, id: str) -> JobRecord | None:
+        rows = self._read(Q["get"], {"id": id})
+        return JobRecord.from_row(dict(rows[0])) if rows else None
+
+    def jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 100,
+             offset: int = 0) -> list[JobRecord]:
+        where, params = [], []
+        if state: where.append("state = ?"); params.append(str(state))
+        if task: where.append("task = ?"); params.append(task)
+        sql = f"SELECT * FROM fh_jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ? OFFSET ?"
+        return [JobRecord.from_row(dict(r)) for r in self._read(sql, [*params, max(0, limit), max(0, offset)])]
+
+    def counts(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._read(Q["counts"])}
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        "When the next waiting job of these queues is due (None: nothing waits)."
+        row = self._read(Q["next_due"], {"queues": json.dumps(list(queues))})
+        return None if not row or row[0][0] is None else float(row[0][0])
+
+    def finished_since(self, since: float) -> int:
+        return int(self._read(Q["finished_since"], {"since": since})[0][0])
+
+    def integrity(self) -> str:
+        return str(self._read("PRAGMA quick_check")[0][0])
+
+
+def _statements(script: str) -> list[str]:
+    body = "\n".join(l for l in script.splitlines() if not l.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]

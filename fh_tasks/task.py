@@ -1,0 +1,113 @@
+"""Task: a registered function with its options; `defer()` turns a call into a durable `Job`."""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .encoding import encode_args
+from .job import Job
+from .retry import RetryPolicy
+from .store import NewJob
+
+if TYPE_CHECKING:
+    from .app import Tasks
+
+__all__ = ["Task", "TaskOptions", "registered", "task_name"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Every task registered in this process, by name: how a process-pool child finds the function.
+_registry: dict[str, Task[Any, Any]] = {}
+
+
+def registered(name: str) -> Task[Any, Any] | None:
+    "The task registered under `name` in this process, if any."
+    return _registry.get(name)
+
+
+def task_name(fn: Callable[..., Any]) -> str:
+    "The default name: `module:qualname`, with a script's module named after its file."
+    mod = fn.__module__
+    if mod in ("__main__", "__mp_main__"):
+        main = sys.modules.get(mod)
+        mod = os.path.splitext(os.path.basename(getattr(main, "__file__", "") or "main"))[0]
+    return f"{mod}:{fn.__qualname__}"
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    "Per-task options; a call can override them with `task.with_options(...)`."
+    queue: str = "default"
+    retries: int = 0
+    retry_delay: float = 1.0
+    timeout: float | None = None
+    delay: float = 0.0
+    process: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.queue, str) or not self.queue: raise ValueError(f"queue must be a non-empty string, not {self.queue!r}")
+        if not isinstance(self.retries, int) or self.retries < 0: raise ValueError(f"retries must be an int >= 0, not {self.retries!r}")
+        if self.timeout is not None and not self.timeout > 0: raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
+        if not self.delay >= 0: raise ValueError(f"delay must be >= 0 seconds, not {self.delay!r}")
+        RetryPolicy(self.retries, self.retry_delay)  # validates retry_delay
+
+
+class Task(Generic[P, R]):
+    """A function registered with a `Tasks` hub. Calling it runs it inline; `defer()` queues it."""
+
+    def __init__(self, hub: Tasks, fn: Callable[P, R], name: str, options: TaskOptions) -> None:
+        self.hub, self.fn, self.name, self.options = hub, fn, name, options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        if options.process and self.is_async: raise ValueError(f"task {name}: process=True needs a plain (sync) function")
+        self.policy = RetryPolicy(options.retries, options.retry_delay)
+        self.signature = inspect.signature(fn)
+        self._names = [p.name for p in self.signature.parameters.values()
+                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        self.__module__, self.__wrapped__ = fn.__module__, fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        "Run the function now, in the caller (no job, no retries)."
+        return self.fn(*args, **kwargs)
+
+    def defer(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Queue a call and return its `Job`.
+
+        Inside a request the job is stored when the response starts (not at all if the handler raises);
+        elsewhere it is stored at once. Raises `ArgumentError` (a TypeError) naming a non-JSON argument.
+        """
+        return self.hub._defer(self.new_job(args, kwargs, self.options))
+
+    def with_options(self, **options: Any) -> Deferrer[P]:
+        "Options for one call: `task.with_options(delay=60, retries=5).defer(...)`."
+        return Deferrer(self, replace(self.options, **options))
+
+    def new_job(self, args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions, parent: str | None = None) -> NewJob:
+        "Validate a call and build the row to store."
+        try: self.signature.bind(*args, **kwargs)
+        except TypeError as e: raise TypeError(f"{self.name}: {e}") from None
+        text = encode_args(self.name, args, kwargs, self.hub.max_payload, self._names)
+        now = self.hub.clock()
+        return NewJob(id=uuid.uuid4().hex, task=self.name, args=text, queue=opts.queue,
+                      max_attempts=opts.retries + 1, timeout=opts.timeout, run_at=now + opts.delay,
+                      created_at=now, parent=parent)
+
+
+class Deferrer(Generic[P]):
+    "A task bound to per-call options."
+
+    def __init__(self, task: Task[P, Any], options: TaskOptions) -> None:
+        self.task, self.options = task, options
+
+    def defer(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        "Queue a call with these options; see `Task.defer`."
+        return self.task.hub._defer(self.task.new_job(args, kwargs, self.options))

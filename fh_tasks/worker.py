@@ -1,0 +1,270 @@
+"""Worker: claims due jobs in batches, runs them, records outcomes in batches, keeps leases alive.
+
+One asyncio loop drives everything. Async tasks run on it; sync tasks in the worker's own thread pool;
+`process=True` tasks in a process pool. Store calls are short transactions made from the loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .context import JobContext, _current
+from .encoding import decode_args, encode_value
+from .errors import ArgumentError, Retry, TaskTimeout
+from .executors import call_in_process, call_in_thread, process_pool, thread_pool
+from .store import Claim, Outcome
+
+if TYPE_CHECKING:
+    from .app import Tasks
+    from .task import Task
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("fh_tasks.worker")
+#: Most jobs claimed in one statement.
+CLAIM_BATCH = 64
+
+
+@dataclass(eq=False)
+class _Run:
+    "A claimed job while it runs: its future and whether its outcome is already recorded."
+    claim: Claim
+    future: asyncio.Future[Any] | None = None
+    timer: asyncio.TimerHandle | None = None
+    settled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs jobs from a hub's store until stopped.
+
+    Args:
+        hub: the `Tasks` whose registry names the runnable tasks.
+        concurrency: jobs running at once (and threads for sync tasks).
+        queues: queue names served.
+        burst: stop once nothing is due (for tests and scripts).
+    """
+
+    def __init__(self, hub: Tasks, *, concurrency: int = 8, queues: tuple[str, ...] = ("default",),
+                 lease: float = 30.0, poll_interval: float = 0.01, grace: float = 10.0, burst: bool = False,
+                 eager: bool = False, name: str | None = None) -> None:
+        if concurrency < 1: raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+        self.hub, self.store = hub, hub.store
+        self.concurrency, self.queues, self.lease = concurrency, tuple(queues), lease
+        self.poll_interval, self.grace, self.burst, self.eager = poll_interval, grace, burst, eager
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.log = log.getChild(self.id.replace(".", "_"))
+        self.running: dict[str, _Run] = {}
+        self._outcomes: list[tuple[_Run, Outcome]] = []
+        self._flush_soon = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._threads: Executor | None = None
+        self._procs: Executor | None = None
+        self.processed = 0
+
+    # -- control ---------------------------------------------------------------------------------
+    def wake(self) -> None:
+        "Tell the worker new jobs may be due (safe from any thread)."
+        loop, ev = self._loop, self._wake
+        if loop is None or ev is None or loop.is_closed(): return
+        try:
+            if _loop_is_current(loop): ev.set()
+            else: loop.call_soon_threadsafe(ev.set)
+        except RuntimeError: pass  # loop closed meanwhile
+
+    def stop(self) -> None:
+        "Stop claiming; `run()` then finishes running jobs within the grace period."
+        self._stopping = True
+        self.wake()
+
+    # -- main loop -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        "Serve jobs until `stop()` (or, in burst mode, until nothing is due)."
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        self._threads = thread_pool(self.concurrency)
+        self.hub._attach(self)
+        side = [asyncio.ensure_future(self._heartbeats())] if not self.burst else []
+        self.log.debug("worker %s started on queues %s", self.id, ",".join(self.queues))
+        try:
+            self.store.expire()
+            await self._serve()
+        finally:
+            for t in side: t.cancel()
+            await self._shutdown()
+            self.hub._detach(self)
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            if self._procs: self._procs.shutdown(wait=True, cancel_futures=True)
+            self.log.debug("worker %s stopped after %d jobs", self.id, self.processed)
+
+    async def _serve(self) -> None:
+        assert self._wake is not None
+        seen = self.store.data_version() if hasattr(self.store, "data_version") else 0
+        while not self._stopping:
+            self._wake.clear()
+            free = self.concurrency - len(self.running)
+            got = 0
+            if free > 0:
+                claims = self.store.claim(self.id, self.queues, min(free, CLAIM_BATCH), self.lease)
+                for c in claims: self._start(c)
+                got = len(claims)
+                if got and got == min(free, CLAIM_BATCH): await asyncio.sleep(0); continue
+            if self.burst and not got and not self.running and not self._outcomes: return
+            # Sleep until woken (in-process enqueue, a finished job) or, for other processes' commits, poll.
+            while not self._wake.is_set() and not self._stopping:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
+                except asyncio.TimeoutError:
+                    v = self.store.data_version() if hasattr(self.store, "data_version") else seen + 1
+                    if v != seen or self._due_soon(): seen = v; break
+                    if self.burst and not self.running: break
+
+    def _idle_timeout(self) -> float:
+        return self.poll_interval
+
+    def _due_soon(self) -> bool:
+        nd = getattr(self.store, "next_due", None)
+        if nd is None: return True
+        t = nd(self.queues)
+        return t is not None and t <= self.store.clock()
+
+    async def _heartbeats(self) -> None:
+        every = max(0.05, self.lease / 3)
+        sweep_at = 0.0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if self.running: self.store.heartbeat(self.id, self.lease)
+                now = time.monotonic()
+                if now >= sweep_at:
+                    sweep_at = now + max(1.0, self.lease / 2)
+                    if self.store.expire(): self.wake()
+                    self.hub._maybe_prune()
+            except Exception:
+                self.log.exception("lease upkeep failed; will retry")
+
+    # -- running one job ------------------------------------------------------------------------
+    def _start(self, claim: Claim) -> None:
+        run = _Run(claim)
+        self.running[claim.id] = run
+        task = self.hub.registry.get(claim.task)
+        if task is None:
+            return self._settle(run, "fail", error=_err("UnknownTask", f"no task named {claim.task!r} is registered with this app"))
+        try:
+            args, kwargs = decode_args(claim.args)
+        except ValueError as e:
+            return self._settle(run, "fail", error=_err("DecodeError", f"stored arguments cannot be decoded: {e}"))
+        ctx = JobContext(claim.id, claim.task, claim.attempt, claim.max_attempts, self.store)
+        loop = self._loop
+        assert loop is not None
+        if task.is_async:
+            fut: asyncio.Future[Any] = asyncio.ensure_future(_run_async(ctx, task, args, kwargs))
+        elif task.options.process:
+            self._procs = self._procs or process_pool()
+            pctx = {"id": claim.id, "attempt": claim.attempt, "max_attempts": claim.max_attempts, "db": getattr(self.store, "path", None)}
+            fut = loop.run_in_executor(self._procs, call_in_process, task.fn.__module__, task.name, pctx, args, kwargs)
+        else:
+            fut = loop.run_in_executor(self._threads, call_in_thread, ctx, task.fn, args, kwargs)
+        run.future = fut
+        timeout = claim.timeout if claim.timeout is not None else task.options.timeout
+        if timeout: run.timer = loop.call_later(timeout, self._timed_out, run, task, timeout)
+        fut.add_done_callback(lambda f: self._done(run, task, f))
+
+    def _timed_out(self, run: _Run, task: Task[Any, Any], timeout: float) -> None:
+        if run.settled: return
+        exc = TaskTimeout(f"{run.claim.task} ran longer than its {timeout}s timeout")
+        if run.future is not None and task.is_async: run.future.cancel()
+        # A sync thread cannot be killed: its outcome is recorded now; its slot stays taken until it returns.
+        self._failed(run, task, exc)
+
+    def _done(self, run: _Run, task: Task[Any, Any], fut: asyncio.Future[Any]) -> None:
+        if run.timer: run.timer.cancel()
+        if not run.settled:
+            if fut.cancelled():
+                if self._stopping: self._settle(run, "release")
+                else: self._failed(run, task, TaskTimeout(f"{run.claim.task} was cancelled"))
+            elif (exc := fut.exception()) is not None: self._failed(run, task, exc)
+            else:
+                try: result = encode_value(fut.result(), "the result")
+                except ArgumentError as e:
+                    self._settle(run, "fail", error=_err("ResultError", f"{run.claim.task} returned a value that is not JSON: {e}"))
+                else: self._settle(run, "succeed", result=result)
+        self.running.pop(run.claim.id, None)
+        if self._wake is not None: self._wake.set()
+
+    def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:
+        c = run.claim
+        error = _err(type(exc).__name__, str(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        if c.attempt < c.max_attempts:
+            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else task.policy.backoff(c.attempt)
+            if self.eager: delay = 0.0
+            self.log.info("job %s (%s) attempt %d/%d failed: %s; retrying in %.2fs", c.id, c.task, c.attempt,
+                          c.max_attempts, error["message"], delay, extra={"action": "retry", "job_id": c.id})
+            self._settle(run, "retry", error=error, run_at=self.store.clock() + delay)
+        else:
+            self.log.warning("job %s (%s) failed after %d attempt(s): %s: %s", c.id, c.task, c.attempt, error["type"],
+                             error["message"], extra={"action": "fail", "job_id": c.id})
+            self._settle(run, "fail", error=error)
+
+    def _settle(self, run: _Run, kind: Any, *, result: str | None = None, error: dict[str, Any] | None = None,
+                run_at: float | None = None) -> None:
+        run.settled = True
+        self._outcomes.append((run, Outcome(kind, run.claim.id, run.claim.attempt, result,
+                                            json.dumps(error) if error else None, run_at)))
+        if run.future is None: self.running.pop(run.claim.id, None)
+        if not self._flush_soon and self._loop is not None:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        "Record every outcome gathered since the last flush in one transaction."
+        self._flush_soon = False
+        batch, self._outcomes = self._outcomes, []
+        if not batch: return
+        try:
+            accepted = self.store.finish([o for _, o in batch])
+        except Exception:
+            self.log.exception("could not record %d outcome(s); their leases will expire and they will run again", len(batch))
+            return
+        self.processed += len(batch)
+        if accepted < len(batch):
+            self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back", len(batch) - accepted)
+        self.hub._finished()
+        if self._wake is not None: self._wake.set()
+
+    # -- shutdown --------------------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        "Let running jobs finish within the grace period, then give the rest back to the queue."
+        pending = [r.future for r in self.running.values() if r.future is not None and not r.future.done()]
+        if pending:
+            self.log.info("waiting up to %ss for %d running job(s)", self.grace, len(pending))
+            await asyncio.wait(pending, timeout=self.grace)
+        for run in list(self.running.values()):
+            if not run.settled:
+                if run.future is not None and not run.future.done(): run.future.cancel()
+                self._settle(run, "release")
+        self._flush()
+
+
+async def _run_async(ctx: JobContext, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    _current.set(ctx)  # this asyncio task has its own context copy
+    return await task.fn(*args, **kwargs)
+
+
+def _err(type_: str, message: str, tb: str | None = None) -> dict[str, Any]:
+    return {"type": type_, "message": message, "traceback": tb}
+
+
+def _loop_is_current(loop: asyncio.AbstractEventLoop) -> bool:
+    try: return asyncio.get_running_loop() is loop
+    except RuntimeError: return False

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start what the tests need that is not running, then run pytest. Under CI=true, missing servers fail tests.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
+
+# Redis: use 127.0.0.1:6379 if it answers, else start a private redis-server on a free port.
+if [ -z "${FH_TASKS_REDIS_URL:-}" ]; then
+  if "$PY" - <<'PY' 2>/dev/null; then export FH_TASKS_REDIS_URL=redis://127.0.0.1:6379/0
+import socket; s = socket.create_connection(("127.0.0.1", 6379), 1); s.sendall(b"PING\r\n"); assert s.recv(16).startswith(b"+PONG")
+PY
+  elif command -v redis-server >/dev/null; then
+    port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    dir=$(mktemp -d)
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" >/dev/null
+    cleanup+=("kill \$(cat $dir/redis.pid) 2>/dev/null; rm -rf $dir")
+    export FH_TASKS_REDIS_URL=redis://127.0.0.1:$port/0
+    for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  fi
+fi
+
+# Chromium for the browser tests (Debian's package; Playwright drives it, never downloads its own).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || true
+fi
+
+"$PY" -m pytest "$@"
