@@ -30,7 +30,7 @@ def test_handler_job_runs_after_response(make_tasks):
         jid = r.text.split('id="jid">')[1].split("<")[0]
         # Then the job is stored, runs, and its result is recorded
         rec = tasks.get(jid)
-        assert rec is not None and rec.task.endswith(":greet")
+        assert rec is not None and rec.task.endswith(".greet")
         deadline = time.monotonic() + 5
         while not rec.done and time.monotonic() < deadline:
             time.sleep(0.01)
