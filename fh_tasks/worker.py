@@ -65,7 +65,6 @@ class Worker:
         self.log = log.getChild(self.id.replace(".", "_"))
         self.running: dict[str, _Run] = {}
         self._outcomes: list[tuple[_Run, Outcome]] = []
-        self._flush_soon = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -112,13 +111,8 @@ class Worker:
         seen = self.store.data_version() if hasattr(self.store, "data_version") else 0
         while not self._stopping:
             self._wake.clear()
-            free = self.concurrency - len(self.running)
-            got = 0
-            if free > 0:
-                claims = self.store.claim(self.id, self.queues, min(free, CLAIM_BATCH), self.lease)
-                for c in claims: self._start(c)
-                got = len(claims)
-                if got and got == min(free, CLAIM_BATCH): await asyncio.sleep(0); continue
+            asked, got = self._round()
+            if got and got == asked: await asyncio.sleep(0); continue
             if self.burst and not got and not self.running and not self._outcomes: return
             # Sleep until woken (in-process enqueue, a finished job) or, for other processes' commits, poll.
             while not self._wake.is_set() and not self._stopping:
@@ -128,6 +122,29 @@ class Worker:
                     v = self.store.data_version() if hasattr(self.store, "data_version") else seen + 1
                     if v != seen or self._due_soon(): seen = v; break
                     if self.burst and not self.running: break
+
+    def _round(self) -> tuple[int, int]:
+        "Record the outcomes gathered so far and claim jobs for the free slots, in one transaction."
+        batch, self._outcomes = self._outcomes, []
+        free = self.concurrency - len(self.running)
+        asked = min(free, CLAIM_BATCH) if free > 0 else 0
+        if not batch and not asked: return 0, 0
+        try:
+            accepted, claims = self.store.finish_and_claim([o for _, o in batch], self.id, self.queues, asked, self.lease)
+        except Exception:
+            self.log.exception("could not record outcomes or claim jobs; retrying")
+            self._outcomes = batch + self._outcomes
+            return asked, 0
+        self._recorded(batch, accepted)
+        for c in claims: self._start(c)
+        return asked, len(claims)
+
+    def _recorded(self, batch: list[tuple[_Run, Outcome]], accepted: int) -> None:
+        if not batch: return
+        self.processed += len(batch)
+        if accepted < len(batch):
+            self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back", len(batch) - accepted)
+        self.hub._finished()
 
     def _idle_timeout(self) -> float:
         return self.poll_interval
@@ -222,13 +239,10 @@ class Worker:
         self._outcomes.append((run, Outcome(kind, run.claim.id, run.claim.attempt, result,
                                             json.dumps(error) if error else None, run_at)))
         if run.future is None: self.running.pop(run.claim.id, None)
-        if not self._flush_soon and self._loop is not None:
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
+        if self._wake is not None: self._wake.set()  # the main loop records it with its next claim
 
     def _flush(self) -> None:
-        "Record every outcome gathered since the last flush in one transaction."
-        self._flush_soon = False
+        "Record every outcome gathered so far (used at shutdown, when nothing more is claimed)."
         batch, self._outcomes = self._outcomes, []
         if not batch: return
         try:
@@ -236,11 +250,7 @@ class Worker:
         except Exception:
             self.log.exception("could not record %d outcome(s); their leases will expire and they will run again", len(batch))
             return
-        self.processed += len(batch)
-        if accepted < len(batch):
-            self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back", len(batch) - accepted)
-        self.hub._finished()
-        if self._wake is not None: self._wake.set()
+        self._recorded(batch, accepted)
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:

@@ -6,13 +6,16 @@ VALUES (:id, :task, :queue, :args, :state, :max_attempts, :timeout, :run_at, :cr
 
 -- name: claim
 -- One statement claims a batch: the due jobs of the queues, oldest first. attempts+1 is the new fencing token.
+-- {due} is the union of one `due` query per queue, so each reads the fh_jobs_due index in order (O(batch)).
 UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
- WHERE seq IN (SELECT seq FROM fh_jobs
-                WHERE state IN ('queued', 'scheduled', 'retrying') AND queue IN (SELECT value FROM json_each(:queues))
-                  AND run_at <= :now
-                ORDER BY run_at, seq LIMIT :limit)
+ WHERE seq IN (SELECT seq FROM ({due}) ORDER BY run_at, seq LIMIT :limit)
 RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at;
+
+-- name: due
+SELECT * FROM (SELECT seq, run_at FROM fh_jobs
+                WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now
+                ORDER BY run_at, seq LIMIT :limit)
 
 -- name: succeed
 UPDATE fh_jobs SET state = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_until = NULL
@@ -31,8 +34,11 @@ UPDATE fh_jobs SET state = 'retrying', error = :error, run_at = :run_at, lease_u
 UPDATE fh_jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL
  WHERE id = :id AND state = 'running' AND attempts = :attempt;
 
--- name: release_children
-UPDATE fh_jobs SET state = 'queued', run_at = :now WHERE parent = :id AND state = 'waiting';
+-- name: release_children_of
+-- The next jobs of the chains whose previous job (one of :ids) has just succeeded.
+UPDATE fh_jobs SET state = 'queued', run_at = :now
+ WHERE state = 'waiting' AND parent IN (SELECT j.id FROM json_each(:ids) AS i JOIN fh_jobs AS j ON j.id = i.value
+                                         WHERE j.state = 'succeeded');
 
 -- name: cancel_children
 UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
@@ -76,7 +82,11 @@ DELETE FROM fh_jobs WHERE seq IN (
 SELECT count(*) FROM fh_jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= :since;
 
 -- name: next_due
-SELECT min(run_at) FROM fh_jobs WHERE state IN ('queued', 'scheduled', 'retrying') AND queue IN (SELECT value FROM json_each(:queues));
+-- {due} is the union of one `next_due_one` query per queue.
+SELECT min(run_at) FROM ({due});
+
+-- name: next_due_one
+SELECT min(run_at) AS run_at FROM fh_jobs WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying')
 
 -- name: parent_state
 SELECT state FROM fh_jobs WHERE id = :id;

@@ -1,6 +1,7 @@
 """SQLiteStore: the embedded job store, one SQLite file in WAL mode shared by any number of processes."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -192,26 +193,41 @@ class SQLiteStore:
         for f in self.on_commit: f()
 
     def claim(self, worker: str, queues: Sequence[str], limit: int, lease: float) -> list[Claim]:
-        now = self.clock()
-        with self._tx("claim jobs") as c:
-            rows = c.execute(Q["claim"], {"worker": worker, "lease_until": now + lease, "now": now,
-                                          "queues": json.dumps(list(queues)), "limit": limit}).fetchall()
-        out = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now) for r in rows]
-        out.sort(key=lambda cl: cl.created_at)
-        return out
+        return self.finish_and_claim((), worker, queues, limit, lease)[1]
 
     def finish(self, outcomes: Iterable[Outcome]) -> int:
-        now, accepted = self.clock(), 0
-        with self._tx("record results") as c:
-            for o in outcomes:
-                p: dict[str, Any] = {"id": o.id, "attempt": o.attempt, "now": now}
-                if o.kind == "succeed": n = c.execute(Q["succeed"], {**p, "result": o.result}).rowcount
-                elif o.kind == "fail": n = c.execute(Q["fail"], {**p, "error": o.error}).rowcount
-                elif o.kind == "retry": n = c.execute(Q["retry"], {**p, "error": o.error, "run_at": o.run_at}).rowcount
-                else: n = c.execute(Q["release"], p).rowcount
-                accepted += n
-                if n and o.kind == "succeed": c.execute(Q["release_children"], p)
-                elif n and o.kind == "fail": self._cancel_chain(c, o.id, now)
+        return self.finish_and_claim(outcomes, "", (), 0, 0.0)[0]
+
+    def finish_and_claim(self, outcomes: Iterable[Outcome], worker: str, queues: Sequence[str], limit: int,
+                         lease: float) -> tuple[int, list[Claim]]:
+        "Record outcomes and claim the next batch in one transaction: one commit per worker round trip."
+        outcomes, now = list(outcomes), self.clock()
+        with self._tx("record results and claim jobs") as c:
+            accepted = self._finish(c, outcomes, now) if outcomes else 0
+            rows = c.execute(_per_queue("claim", "due", len(queues)),
+                             {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit,
+                              **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall() if limit > 0 and queues else []
+        claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now) for r in rows]
+        claims.sort(key=lambda cl: cl.created_at)
+        return accepted, claims
+
+    def _finish(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
+        by_kind: dict[str, list[Outcome]] = {}
+        for o in outcomes: by_kind.setdefault(o.kind, []).append(o)
+        accepted = 0
+        if (ok := by_kind.get("succeed")):
+            accepted += c.executemany(Q["succeed"], [{"id": o.id, "attempt": o.attempt, "now": now, "result": o.result}
+                                                     for o in ok]).rowcount
+            c.execute(Q["release_children_of"], {"ids": json.dumps([o.id for o in ok]), "now": now})
+        if (rt := by_kind.get("retry")):
+            accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error, "run_at": o.run_at}
+                                                   for o in rt]).rowcount
+        if (rl := by_kind.get("release")):
+            accepted += c.executemany(Q["release"], [{"id": o.id, "attempt": o.attempt} for o in rl]).rowcount
+        for o in by_kind.get("fail", ()):
+            if c.execute(Q["fail"], {"id": o.id, "attempt": o.attempt, "now": now, "error": o.error}).rowcount:
+                accepted += 1
+                self._cancel_chain(c, o.id, now)
         return accepted
 
     def _cancel_chain(self, c: sqlite3.Connection, id: str, now: float) -> None:
@@ -274,7 +290,8 @@ class SQLiteStore:
 
     def next_due(self, queues: Sequence[str]) -> float | None:
         "When the next waiting job of these queues is due (None: nothing waits)."
-        row = self._read(Q["next_due"], {"queues": json.dumps(list(queues))})
+        if not queues: return None
+        row = self._read(_per_queue("next_due", "next_due_one", len(queues)), {f"q{i}": q for i, q in enumerate(queues)})
         return None if not row or row[0][0] is None else float(row[0][0])
 
     def finished_since(self, since: float) -> int:
@@ -282,6 +299,12 @@ class SQLiteStore:
 
     def integrity(self) -> str:
         return str(self._read("PRAGMA quick_check")[0][0])
+
+
+@functools.lru_cache(maxsize=64)
+def _per_queue(outer: str, inner: str, n: int) -> str:
+    "Expand `{due}` in query `outer` into a UNION ALL of query `inner`, once per queue (:q0, :q1, ...)."
+    return Q[outer].replace("{due}", " UNION ALL ".join(Q[inner].replace("{i}", str(i)) for i in range(n)))
 
 
 def _statements(script: str) -> list[str]:
