@@ -16,18 +16,22 @@ _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", 
 _SCALARS = (str, int, bool, type(None))
 
 
-def _bad(value: Any, path: str) -> str | None:
+def _bad(value: Any, path: str, outer: tuple[int, ...] = ()) -> str | None:
     "The path of the first non-JSON value inside `value`, with the reason, or None when all is JSON."
     if isinstance(value, _SCALARS): return None
     if isinstance(value, float): return None if math.isfinite(value) else f"{path} is {value!r} (not finite)"
+    if isinstance(value, (list, tuple, dict)):
+        # A container inside itself would recurse forever here and in json.dumps.
+        if id(value) in outer: return f"{path} refers to itself"
+        outer = (*outer, id(value))
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            if (r := _bad(v, f"{path}[{i}]")): return r
+            if (r := _bad(v, f"{path}[{i}]", outer)): return r
         return None
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str): return f"{path} has a non-string key {k!r}"
-            if (r := _bad(v, f"{path}[{k!r}]")): return r
+            if (r := _bad(v, f"{path}[{k!r}]", outer)): return r
         return None
     return f"{path} is a {type(value).__name__}"
 
@@ -46,8 +50,9 @@ def encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any], limit:
     for k, v in kwargs.items():
         if (r := _bad(v, f"argument {k!r}")): raise ArgumentError(f"{task}: {r}, which is not JSON-serializable")
     text = _dumps({"args": list(args), "kwargs": kwargs} if args else {"kwargs": kwargs})
-    if len(text) > limit:
-        raise PayloadTooLarge(f"{task}: arguments are {len(text):,} bytes encoded, over the {limit:,}-byte limit")
+    # Characters can be up to 4 bytes in UTF-8: only count bytes when the text might be over the limit.
+    if len(text) * 4 > limit and (size := len(text.encode())) > limit:
+        raise PayloadTooLarge(f"{task}: arguments are {size:,} bytes encoded, over the {limit:,}-byte limit")
     return text
 
 

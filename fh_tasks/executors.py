@@ -1,57 +1,370 @@
-"""Where a task body runs: on the event loop (async), in a bounded thread pool, or in a process pool."""
+"""Where a task body runs: on the event loop (async), in a bounded thread pool, or in a pool of child processes.
+
+The process pool runs `process=True` tasks one job per child at a time. A child finds the task by importing
+the module named by the in-memory `Task` (never a name read from storage) and looking the task up in its
+process-global registry. A child that dies, or whose job is cancelled (timeout, shutdown), is killed and
+replaced, so one bad job never breaks the jobs running next to it; children die with their parent.
+"""
 from __future__ import annotations
 
+import asyncio
+import atexit
 import importlib
 import multiprocessing
 import os
+import pickle
+import queue
+import runpy
 import signal
 import sys
+import threading
+import traceback
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, _current
 
-__all__ = ["call_in_thread", "call_in_process", "thread_pool", "process_pool"]
+if TYPE_CHECKING:
+    from .task import Task
+
+__all__ = ["call_in_thread", "thread_pool", "process_pool", "ProcessPool", "PoolProcessDied", "RemoteError"]
+
+_MAIN = ("__main__", "__mp_main__")
 
 
-def thread_pool(size: int) -> ThreadPoolExecutor:
+# -- threads ---------------------------------------------------------------------------------------
+class DaemonThreadPool(Executor):
+    """A bounded pool of daemon threads. A job still running when the worker has given it back to the queue
+    (grace period over) never keeps the process from exiting, unlike `ThreadPoolExecutor`'s threads."""
+
+    def __init__(self, size: int, name: str = "fh-tasks") -> None:
+        if size < 1: raise ValueError(f"thread pool size must be >= 1, not {size}")
+        self.size, self.name = size, name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None]
+        self._work = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        "Run `fn(*args, **kwargs)` in a pool thread."
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._closed: raise RuntimeError("cannot run a job: the thread pool is shut down")
+            self._work.put((fut, fn, args, kwargs))
+            if self._idle == 0 and len(self._threads) < self.size:
+                t = threading.Thread(target=self._serve, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            elif self._idle > 0: self._idle -= 1
+        return fut
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            fut, fn, args, kwargs = item
+            if fut.set_running_or_notify_cancel():
+                try: fut.set_result(fn(*args, **kwargs))
+                except BaseException as e: fut.set_exception(e)  # SystemExit in a task fails the job, not the thread
+            del item, fut  # drop references to the job while idle
+            with self._lock: self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        "Stop the threads once they are idle; `cancel_futures` drops work not started yet."
+        with self._lock:
+            if self._closed: return
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try: item = self._work.get_nowait()
+                    except queue.Empty: break
+                    if item is not None: item[0].cancel()
+            for _ in self._threads: self._work.put(None)
+        if wait:
+            for t in self._threads: t.join()
+
+
+def thread_pool(size: int) -> DaemonThreadPool:
     "The worker's own pool for sync tasks (never Starlette's, which serves sync handlers)."
-    return ThreadPoolExecutor(max_workers=size, thread_name_prefix="fh-tasks")
+    return DaemonThreadPool(size)
 
 
 def call_in_thread(ctx: JobContext, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    "Call `fn` with `current_job()` returning `ctx`."
     token = _current.set(ctx)
     try: return fn(*args, **kwargs)
     finally: _current.reset(token)
 
 
-def _init_child() -> None:
-    # Pool children must not inherit a server's signal handlers: the parent stops them.
+# -- processes -------------------------------------------------------------------------------------
+class PoolProcessDied(RuntimeError):
+    """The pool process running the job died (os._exit, a signal, out of memory)."""
+
+
+class RemoteError(Exception):
+    """A task in a pool process raised an exception that cannot be sent back as it is."""
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def _default_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _main_info() -> tuple[str | None, str | None]:
+    "How a child can load this process's `__main__` script: its module name (`python -m`) or its path."
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", None)
+    if name and name != "__main__" and not name.endswith(".__main__"): return name, None
+    path = getattr(main, "__file__", None)
+    return None, (os.path.abspath(path) if path and path.endswith(".py") else None)
+
+
+class _Child:
+    "One pool process and the parent's end of its pipe."
+
+    def __init__(self, proc: Any, conn: Any) -> None:
+        self.proc, self.conn = proc, conn
+
+    async def call(self, request: dict[str, Any]) -> tuple[Any, ...]:
+        "Send one job and wait for its reply without blocking the event loop."
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[bytes] = loop.create_future()
+        fd = self.conn.fileno()
+
+        def readable() -> None:
+            loop.remove_reader(fd)
+            if reply.done(): return
+            try: reply.set_result(self.conn.recv_bytes())
+            except (EOFError, OSError) as e: reply.set_exception(e)
+
+        try:
+            self.conn.send_bytes(pickle.dumps(request))
+            loop.add_reader(fd, readable)
+            data = await reply
+        except (EOFError, OSError):
+            raise PoolProcessDied(f"the pool process running {request['name']} {self.death()}") from None
+        finally:
+            loop.remove_reader(fd)
+        result: tuple[Any, ...] = pickle.loads(data)
+        return result
+
+    def death(self) -> str:
+        self.proc.join(1.0)
+        code = self.proc.exitcode
+        if code is None: return "stopped answering"
+        if code < 0:
+            try: return f"was killed by {signal.Signals(-code).name}"
+            except ValueError: return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def kill(self) -> None:
+        if self.proc.is_alive(): self.proc.kill()
+        self.proc.join(2.0)
+        self.conn.close()
+
+    def stop(self) -> None:
+        "Ask an idle child to exit."
+        try: self.conn.send_bytes(pickle.dumps(None))
+        except OSError: pass
+
+
+class ProcessPool:
+    """Up to `size` child processes (forkserver, or spawn where fork is unavailable) running sync tasks.
+
+    `run()` is awaited on the worker's loop. Cancelling it (job timeout, shutdown past the grace period)
+    kills that job's child only; a child that dies fails only its own job.
+    """
+
+    def __init__(self, size: int | None = None, method: str | None = None) -> None:
+        self.size = max(1, size or os.cpu_count() or 1)
+        self.method = method or _default_method()
+        if self.method not in ("forkserver", "spawn"):
+            raise ValueError(f"process pool start method must be 'forkserver' or 'spawn', not {self.method!r}")
+        self._mp = multiprocessing.get_context(self.method)
+        self._idle: list[_Child] = []
+        self._busy: set[_Child] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+        self.started = 0
+        _pools.add(self)
+
+    def _spawn(self) -> _Child:
+        parent, child = self._mp.Pipe()
+        main_name, main_path = _main_info()
+        proc = self._mp.Process(target=_child_main, args=(child, list(sys.path), main_name, main_path),
+                                name="fh-tasks-pool", daemon=False)
+        proc.start()
+        child.close()  # so the parent sees EOF when the child dies
+        self.started += 1
+        return _Child(proc, parent)
+
+    async def _take(self) -> _Child:
+        while self._idle:
+            c = self._idle.pop()
+            if c.proc.is_alive(): return c
+            c.kill()
+        fut = asyncio.get_running_loop().run_in_executor(None, self._spawn)  # forkserver start-up blocks ~0.3 s
+        try: return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._adopt)
+            raise
+
+    def _adopt(self, fut: asyncio.Future[_Child]) -> None:
+        if fut.cancelled() or fut.exception() is not None: return
+        c = fut.result()
+        if self._closed: c.stop()
+        else: self._idle.append(c)
+
+    async def run(self, task: Task[Any, Any], ctx: JobContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        "Run one job of `task` in a child process; returns its result or raises what it raised."
+        if self._closed: raise RuntimeError("the process pool is shut down")
+        if self._slots is None: self._slots = asyncio.Semaphore(self.size)
+        request = {"module": task.fn.__module__, "name": task.name, "id": ctx.id, "attempt": ctx.attempt,
+                   "max_attempts": ctx.max_attempts, "db": getattr(ctx.store, "path", None), "args": args,
+                   "kwargs": kwargs}
+        async with self._slots:
+            child = await self._take()
+            self._busy.add(child)
+            try:
+                reply = await child.call(request)
+            except BaseException:
+                child.kill()  # cancelled or dead: a child in an unknown state is never reused
+                raise
+            finally:
+                self._busy.discard(child)
+            if self._closed: child.stop()
+            else: self._idle.append(child)
+        return _unpack(reply)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        "Stop every child: idle ones exit, busy ones are killed (their jobs were already given back)."
+        self._closed = True
+        busy, idle = list(self._busy), self._idle
+        self._idle = []
+        for c in busy: c.proc.kill()
+        for c in idle: c.stop()
+        for c in busy + idle:
+            c.proc.join(2.0 if wait else 0.1)
+            c.kill()
+
+    def pids(self) -> list[int]:
+        "Process ids of the live children."
+        return [c.proc.pid for c in [*self._idle, *self._busy] if c.proc.is_alive()]
+
+
+_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_pools() -> None:
+    # Runs before multiprocessing's own atexit hook, which would otherwise wait for children forever.
+    for p in list(_pools): p.shutdown(wait=False)
+
+
+def process_pool(size: int | None = None) -> ProcessPool:
+    "A process pool for CPU-bound tasks (`@tasks.task(process=True)`); `size` defaults to the CPU count."
+    return ProcessPool(size)
+
+
+def _unpack(reply: tuple[Any, ...]) -> Any:
+    if reply[0] == "ok": return reply[1]
+    _, blob, type_name, message, tb = reply
+    exc: BaseException
+    try: exc = pickle.loads(blob) if blob is not None else RemoteError(f"{type_name}: {message}")
+    except Exception: exc = RemoteError(f"{type_name}: {message}")
+    exc.__cause__ = _RemoteTraceback(tb)
+    raise exc
+
+
+# -- inside a pool process -------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    "Make the kernel kill this child when its parent dies, even by SIGKILL (no orphans)."
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ppid = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != ppid: os._exit(1)
+    else:
+        ppid = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == ppid: threading.Event().wait(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
+def _child_main(conn: Any, sys_path: list[str], main_name: str | None, main_path: str | None) -> None:
+    _die_with_parent()
+    # The parent stops its children; a terminal's Ctrl-C must reach only the parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.path[:] = sys_path
+    stores: dict[str, Any] = {}
+    while True:
+        try: data = conn.recv_bytes()
+        except (EOFError, OSError): return
+        request = pickle.loads(data)
+        if request is None: return
+        conn.send_bytes(_run_request(request, main_name, main_path, stores))
 
 
-def process_pool(size: int | None = None) -> Executor:
-    "A process pool for CPU-bound tasks; children import the task's module and look the task up by name."
-    ctx = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
-    return ProcessPoolExecutor(max_workers=size or os.cpu_count() or 1, mp_context=ctx, initializer=_init_child)
+def _run_request(req: dict[str, Any], main_name: str | None, main_path: str | None, stores: dict[str, Any]) -> bytes:
+    try:
+        task = _find_task(req["name"], req["module"], main_name, main_path)
+        store = None
+        if req["db"] and req["db"] != ":memory:":
+            from .store.sqlite import SQLiteStore
+            store = stores.get(req["db"]) or stores.setdefault(req["db"], SQLiteStore(req["db"]))
+        ctx = JobContext(req["id"], req["name"], req["attempt"], req["max_attempts"], store)
+        return pickle.dumps(("ok", call_in_thread(ctx, task.fn, req["args"], req["kwargs"])))
+    except BaseException as e:
+        return _error_reply(e)
 
 
-def call_in_process(module: str, name: str, ctx: dict[str, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-    "Run the registered task `name` from `module` in a pool child (the module comes from code, never from storage)."
+def _error_reply(e: BaseException) -> bytes:
+    tb = traceback.format_exc()
+    blob = None
+    if isinstance(e, Exception):  # SystemExit & co. must not be re-raised inside the parent's event loop
+        try:
+            blob = pickle.dumps(e)
+            pickle.loads(blob)
+        except Exception: blob = None
+    try: return pickle.dumps(("error", blob, type(e).__name__, str(e), tb))
+    except Exception: return pickle.dumps(("error", None, type(e).__name__, repr(e), tb))
+
+
+def _find_task(name: str, module: str, main_name: str | None, main_path: str | None) -> Any:
+    "The registered task `name`, importing `module` (from the parent's in-memory Task) if needed."
     from .task import registered
-    task = registered(name)
-    if task is None:
-        importlib.import_module(module)
-        task = registered(name)
-    if task is None: raise LookupError(f"task {name!r} is not registered in module {module!r} in the pool process")
-    store = None
-    if ctx.get("db") and ctx["db"] != ":memory:":
-        from .store.sqlite import SQLiteStore
-        store = _child_stores.setdefault(ctx["db"], SQLiteStore(ctx["db"]))
-    jc = JobContext(ctx["id"], name, ctx["attempt"], ctx["max_attempts"], store)
-    return call_in_thread(jc, task.fn, args, kwargs)
+    if (task := registered(name)) is not None: return task
+    if module in _MAIN: _load_main(main_name, main_path)
+    else: importlib.import_module(module)
+    if (task := registered(name)) is None:
+        where = f"the script {main_path or main_name}" if module in _MAIN else f"module {module}"
+        raise LookupError(f"task {name!r} is not registered after importing {where} in the pool process; "
+                          "define process=True tasks at module level")
+    return task
 
 
-_child_stores: dict[str, Any] = {}
+def _load_main(main_name: str | None, main_path: str | None) -> None:
+    "Run the parent's script as `__mp_main__`, as multiprocessing's spawn does (its `__main__` block stays inert)."
+    if "__mp_main__" in sys.modules and getattr(sys.modules["__mp_main__"], "__file__", None) == main_path: return
+    import types
+    mod = types.ModuleType("__mp_main__")
+    if main_name: code = runpy.run_module(main_name, run_name="__mp_main__", alter_sys=True)
+    elif main_path: code = runpy.run_path(main_path, run_name="__mp_main__")
+    else: raise LookupError("the task is defined in the parent's __main__, which a pool process cannot import")
+    mod.__dict__.update(code)
+    sys.modules["__mp_main__"] = mod

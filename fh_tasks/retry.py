@@ -18,7 +18,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.retries < 0: raise ValueError(f"retries must be >= 0, not {self.retries}")
-        if self.delay < 0: raise ValueError(f"retry_delay must be >= 0, not {self.delay}")
+        if not self.delay >= 0: raise ValueError(f"retry_delay must be >= 0, not {self.delay}")
         if self.factor < 1: raise ValueError(f"retry backoff factor must be >= 1, not {self.factor}")
         if not 0 <= self.jitter < 1: raise ValueError(f"jitter must be in [0, 1), not {self.jitter}")
 
@@ -28,6 +28,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rnd: float | None = None) -> float:
         "Seconds to wait after failed attempt number `attempt` (1-based)."
-        base = min(self.max_delay, self.delay * self.factor ** max(0, attempt - 1))
+        try: base = min(self.max_delay, self.delay * self.factor ** max(0, attempt - 1))
+        except OverflowError: base = self.max_delay if self.delay else 0.0  # a very late attempt of a long retry run
         r = random.random() if rnd is None else rnd
         return min(self.max_delay, base * (1 + self.jitter * r))

@@ -51,11 +51,20 @@ class TaskOptions:
     process: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.queue, str) or not self.queue: raise ValueError(f"queue must be a non-empty string, not {self.queue!r}")
-        if not isinstance(self.retries, int) or self.retries < 0: raise ValueError(f"retries must be an int >= 0, not {self.retries!r}")
-        if self.timeout is not None and not self.timeout > 0: raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
-        if not self.delay >= 0: raise ValueError(f"delay must be >= 0 seconds, not {self.delay!r}")
-        RetryPolicy(self.retries, self.retry_delay)  # validates retry_delay
+        if not isinstance(self.queue, str) or not self.queue:
+            raise ValueError(f"queue must be a non-empty string, not {self.queue!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an int >= 0, not {self.retries!r}")
+        if self.timeout is not None and not (_number(self.timeout) and self.timeout > 0):
+            raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
+        if not (_number(self.delay) and self.delay >= 0): raise ValueError(f"delay must be >= 0 seconds, not {self.delay!r}")
+        if not (_number(self.retry_delay) and self.retry_delay >= 0):
+            raise ValueError(f"retry_delay must be >= 0 seconds, not {self.retry_delay!r}")
+
+
+def _number(x: Any) -> bool:
+    "A real number (bools are ints to Python, but `timeout=True` is a mistake)."
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class Task(Generic[P, R]):

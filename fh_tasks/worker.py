@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .context import JobContext, _current
 from .encoding import decode_args, encode_value
 from .errors import ArgumentError, Retry, TaskTimeout
-from .executors import call_in_process, call_in_thread, process_pool, thread_pool
+from .executors import ProcessPool, call_in_thread, process_pool, thread_pool
 from .store import Claim, Outcome
 
 if TYPE_CHECKING:
@@ -69,8 +69,13 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._threads: Executor | None = None
-        self._procs: Executor | None = None
+        self._procs: ProcessPool | None = None
+        self._hurry = False
         self.processed = 0
+        self.linger = 0.002
+        self._backlog = True       # the last claim filled every free slot: freed slots should claim at once
+        self._reserved = 0         # slots promised to jobs handed over by `handoff` and not started yet
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- control ---------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -82,9 +87,10 @@ class Worker:
             else: loop.call_soon_threadsafe(ev.set)
         except RuntimeError: pass  # loop closed meanwhile
 
-    def stop(self) -> None:
-        "Stop claiming; `run()` then finishes running jobs within the grace period."
+    def stop(self, now: bool = False) -> None:
+        "Stop claiming; `run()` then finishes running jobs within the grace period (`now`: gives them back at once)."
         self._stopping = True
+        if now: self._hurry = True
         self.wake()
 
     # -- main loop -------------------------------------------------------------------------------
@@ -99,8 +105,8 @@ class Worker:
             self.store.expire()
             await self._serve()
         finally:
+            await self._shutdown()  # leases stay renewed while running jobs get their grace period
             for t in side: t.cancel()
-            await self._shutdown()
             self.hub._detach(self)
             self._threads.shutdown(wait=False, cancel_futures=True)
             if self._procs: self._procs.shutdown(wait=True, cancel_futures=True)
@@ -125,8 +131,8 @@ class Worker:
 
     def _round(self) -> tuple[int, int]:
         "Record the outcomes gathered so far and claim jobs for the free slots, in one transaction."
-        batch, self._outcomes = self._outcomes, []
-        free = self.concurrency - len(self.running)
+        batch = self.take_outcomes()
+        free = self.concurrency - len(self.running) - self._reserved
         asked = min(free, CLAIM_BATCH) if free > 0 else 0
         if not batch and not asked: return 0, 0
         try:
@@ -137,7 +143,12 @@ class Worker:
             return asked, 0
         self._recorded(batch, accepted)
         for c in claims: self._start(c)
+        self._backlog = len(claims) >= asked
         return asked, len(claims)
+
+    def recorded(self, batch: list[tuple[_Run, Outcome]], accepted: int) -> None:
+        "Outcomes were committed (by this worker or by a commit that took them)."
+        self._recorded(batch, accepted)
 
     def _recorded(self, batch: list[tuple[_Run, Outcome]], accepted: int) -> None:
         if not batch: return
@@ -147,7 +158,13 @@ class Worker:
         self.hub._finished()
 
     def _idle_timeout(self) -> float:
-        return self.poll_interval
+        "Sleep until the next poll, or until a scheduled job or a retry falls due if that is sooner."
+        nd = getattr(self.store, "next_due", None)
+        # A short poll finds due jobs soon enough on its own; a full worker is woken when a job ends.
+        if nd is None or self.poll_interval <= 0.05 or len(self.running) >= self.concurrency:
+            return self.poll_interval
+        t = nd(self.queues)
+        return self.poll_interval if t is None else min(self.poll_interval, max(0.001, t - self.store.clock()))
 
     def _due_soon(self) -> bool:
         nd = getattr(self.store, "next_due", None)
@@ -188,8 +205,7 @@ class Worker:
             fut: asyncio.Future[Any] = asyncio.ensure_future(_run_async(ctx, task, args, kwargs))
         elif task.options.process:
             self._procs = self._procs or process_pool()
-            pctx = {"id": claim.id, "attempt": claim.attempt, "max_attempts": claim.max_attempts, "db": getattr(self.store, "path", None)}
-            fut = loop.run_in_executor(self._procs, call_in_process, task.fn.__module__, task.name, pctx, args, kwargs)
+            fut = asyncio.ensure_future(self._procs.run(task, ctx, args, kwargs))
         else:
             fut = loop.run_in_executor(self._threads, call_in_thread, ctx, task.fn, args, kwargs)
         run.future = fut
@@ -200,7 +216,8 @@ class Worker:
     def _timed_out(self, run: _Run, task: Task[Any, Any], timeout: float) -> None:
         if run.settled: return
         exc = TaskTimeout(f"{run.claim.task} ran longer than its {timeout}s timeout")
-        if run.future is not None and task.is_async: run.future.cancel()
+        # Cancelling an async task stops it and cancelling a process job kills its pool child.
+        if run.future is not None and (task.is_async or task.options.process): run.future.cancel()
         # A sync thread cannot be killed: its outcome is recorded now; its slot stays taken until it returns.
         self._failed(run, task, exc)
 
@@ -216,11 +233,13 @@ class Worker:
                 except ArgumentError as e:
                     self._settle(run, "fail", error=_err("ResultError", f"{run.claim.task} returned a value that is not JSON: {e}"))
                 else: self._settle(run, "succeed", result=result)
-        self.running.pop(run.claim.id, None)
-        if self._wake is not None: self._wake.set()
+        # A timed-out sync attempt returns late: by then its retry may run under the same job id.
+        if self.running.get(run.claim.id) is run: del self.running[run.claim.id]
+        self._nudge()
 
     def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:
         c = run.claim
+        if isinstance(exc, _Exited) and exc.__cause__ is not None: exc = exc.__cause__
         error = _err(type(exc).__name__, str(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         if c.attempt < c.max_attempts:
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else task.policy.backoff(c.attempt)
@@ -239,7 +258,40 @@ class Worker:
         self._outcomes.append((run, Outcome(kind, run.claim.id, run.claim.attempt, result,
                                             json.dumps(error) if error else None, run_at)))
         if run.future is None: self.running.pop(run.claim.id, None)
-        if self._wake is not None: self._wake.set()  # the main loop records it with its next claim
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """A slot freed or an outcome is waiting. With a backlog, claim again at once; otherwise linger briefly,
+        so the outcome rides along with the next commit (a request storing a job, or the next claim)."""
+        if self._wake is None or self._loop is None: return
+        if self._backlog or self.burst or self._stopping: self._wake.set()
+        elif self._linger is None: self._linger = self._loop.call_later(self.linger, self._wake.set)
+
+    # -- in-process handoff: a request's commit takes new jobs and records finished ones ---------
+    def handoff_slots(self) -> int:
+        "Free slots a commit made on this worker's loop may fill directly (0 from any other thread)."
+        if self._stopping or self.burst or self._loop is None or not _loop_is_current(self._loop): return 0
+        return max(0, self.concurrency - len(self.running) - self._reserved)
+
+    def take_outcomes(self) -> list[tuple[_Run, Outcome]]:
+        "Hand the outcomes waiting to be recorded to a commit; give them back with `restore_outcomes` if it fails."
+        if self._linger is not None: self._linger.cancel(); self._linger = None
+        batch, self._outcomes = self._outcomes, []
+        return batch
+
+    def restore_outcomes(self, batch: list[tuple[_Run, Outcome]]) -> None:
+        self._outcomes = batch + self._outcomes
+        self._nudge()
+
+    def handoff(self, claims: list[Claim]) -> None:
+        "Start jobs a commit stored as claimed by this worker, once the current response is on its way."
+        assert self._loop is not None
+        self._reserved += len(claims)
+        for c in claims: self._loop.call_soon(self._start_reserved, c)
+
+    def _start_reserved(self, claim: Claim) -> None:
+        self._reserved -= 1
+        self._start(claim)
 
     def _flush(self) -> None:
         "Record every outcome gathered so far (used at shutdown, when nothing more is claimed)."
@@ -258,17 +310,33 @@ class Worker:
         pending = [r.future for r in self.running.values() if r.future is not None and not r.future.done()]
         if pending:
             self.log.info("waiting up to %ss for %d running job(s)", self.grace, len(pending))
-            await asyncio.wait(pending, timeout=self.grace)
+            await self._wait_running(pending)
         for run in list(self.running.values()):
             if not run.settled:
                 if run.future is not None and not run.future.done(): run.future.cancel()
                 self._settle(run, "release")
         self._flush()
 
+    async def _wait_running(self, pending: list[asyncio.Future[Any]]) -> None:
+        "Wait until the running jobs finish, the grace period ends, or `stop(now=True)` is called."
+        assert self._wake is not None
+        deadline = time.monotonic() + self.grace
+        while pending and not self._hurry and (left := deadline - time.monotonic()) > 0:
+            self._wake.clear()
+            woken = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait([*pending, woken], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            pending = [f for f in pending if not f.done()]
+
+
+class _Exited(Exception):
+    "Carries a task's SystemExit: raised from an asyncio task it would stop the app's event loop."
+
 
 async def _run_async(ctx: JobContext, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
     _current.set(ctx)  # this asyncio task has its own context copy
-    return await task.fn(*args, **kwargs)
+    try: return await task.fn(*args, **kwargs)
+    except SystemExit as e: raise _Exited() from e
 
 
 def _err(type_: str, message: str, tb: str | None = None) -> dict[str, Any]:

@@ -4,13 +4,19 @@
 INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent)
 VALUES (:id, :task, :queue, :args, :state, :max_attempts, :timeout, :run_at, :created_at, :parent);
 
+-- name: insert_claimed
+-- A new job handed straight to an in-process worker with a free slot: stored as claimed (attempt 1).
+INSERT INTO fh_jobs (id, task, queue, args, state, attempts, max_attempts, timeout, run_at, created_at,
+                     worker, lease_until, started_at)
+VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?);
+
 -- name: claim
 -- One statement claims a batch: the due jobs of the queues, oldest first. attempts+1 is the new fencing token.
 -- {due} is the union of one `due` query per queue, so each reads the fh_jobs_due index in order (O(batch)).
 UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
  WHERE seq IN (SELECT seq FROM ({due}) ORDER BY run_at, seq LIMIT :limit)
-RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at;
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq;
 
 -- name: due
 SELECT * FROM (SELECT seq, run_at FROM fh_jobs

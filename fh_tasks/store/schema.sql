@@ -36,6 +36,5 @@ CREATE INDEX IF NOT EXISTS fh_jobs_running ON fh_jobs (lease_until) WHERE state 
 CREATE INDEX IF NOT EXISTS fh_jobs_waiting ON fh_jobs (parent) WHERE state = 'waiting';
 -- Listing and pruning finished jobs.
 CREATE INDEX IF NOT EXISTS fh_jobs_state ON fh_jobs (state, finished_at);
-CREATE INDEX IF NOT EXISTS fh_jobs_task ON fh_jobs (task, seq);
 CREATE TABLE IF NOT EXISTS fh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO fh_meta (key, value) VALUES ('schema_version', '1');

@@ -173,6 +173,21 @@ class SQLiteStore:
             c.execute(Q["cancel"], {"id": j.id, "now": self.clock()})
             self._cancel_chain(c, j.id, self.clock())
 
+    def enqueue_claimed(self, jobs: Sequence[NewJob], claimed: int, worker: str, lease: float,
+                        outcomes: Sequence[Outcome] = ()) -> tuple[int, list[Claim]]:
+        """Store `jobs`, the first `claimed` of them already claimed by `worker`, and record `outcomes`,
+        in one transaction: an in-process worker with free slots takes new jobs without a claim round trip."""
+        now = self.clock()
+        with self._tx("enqueue") as c:
+            accepted = self._finish(c, list(outcomes), now) if outcomes else 0
+            if claimed:
+                c.executemany(Q["insert_claimed"], [(j.id, j.task, j.queue, j.args, j.max_attempts, j.timeout, j.run_at,
+                                                     j.created_at, worker, now + lease, now) for j in jobs[:claimed]])
+            if claimed < len(jobs): self._insert(c, jobs[claimed:])
+        if claimed < len(jobs): self._committed()
+        return accepted, [Claim(j.id, j.task, j.queue, j.args, 1, j.max_attempts, j.timeout, j.created_at, now)
+                          for j in jobs[:claimed]]
+
     def _group_enqueue(self, jobs: Sequence[NewJob]) -> None:
         # Group commit: whoever holds the lock commits every batch that queued up behind it in one fsync.
         done = threading.Event()
@@ -207,8 +222,9 @@ class SQLiteStore:
             rows = c.execute(_per_queue("claim", "due", len(queues)),
                              {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit,
                               **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall() if limit > 0 and queues else []
+        # RETURNING gives rows in no set order: hand them out in the order they were due.
+        rows.sort(key=lambda r: (r[8], r[9]))
         claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now) for r in rows]
-        claims.sort(key=lambda cl: cl.created_at)
         return accepted, claims
 
     def _finish(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:

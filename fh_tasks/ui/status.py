@@ -33,7 +33,8 @@ def JobStatus(job: Job | str | JobRecord, hub: Tasks | None = None, every: str =
     else:
         if hub is None: raise TypeError("JobStatus(id) needs the hub: JobStatus(id, tasks)")
         rec, jid = hub.get(job), job
-    state = rec.state.value if rec else "unknown"
+    # A job deferred in this request is stored only when the response starts: show the state it is stored with.
+    state = rec.state.value if rec else job.new.state if isinstance(job, Job) and not job.stored else "unknown"
     parts: list[Any] = [Span(state, cls="fh-job-state")]
     if rec is not None and rec.state.value == "running": parts.append(_progress(rec.progress))
     if rec is not None and rec.state.value == "failed" and rec.error:

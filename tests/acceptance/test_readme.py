@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import ROOT, uvicorn_server
+from support import ROOT, uvicorn_server
 
 
 def readme_example() -> str:

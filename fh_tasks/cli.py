@@ -1,0 +1,491 @@
+"""The `fh-tasks` command: run workers beside a web app, and look after the jobs in a store.
+
+    fh-tasks worker myapp:tasks --processes 2 --concurrency 8
+    fh-tasks ls --state failed          fh-tasks show ID        fh-tasks retry --failed
+    fh-tasks cancel ID                  fh-tasks purge --older-than 7d
+    fh-tasks stats                      fh-tasks wait --timeout 60
+
+Every option can also come from an `FH_TASKS_*` environment variable (named in `--help`); flags win.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .app import DEFAULT_DB, Tasks
+from .errors import StoreError
+from .job import JobRecord, JobState
+
+__all__ = ["main", "load_target", "redact", "parse_duration"]
+
+log = logging.getLogger("fh_tasks.cli")
+
+#: Environment variables mirrored by flags: (flag dest, variable).
+ENV = {"app": "FH_TASKS_APP", "db": "FH_TASKS_DB", "processes": "FH_TASKS_PROCESSES",
+       "concurrency": "FH_TASKS_CONCURRENCY", "queues": "FH_TASKS_QUEUES", "log_level": "FH_TASKS_LOG_LEVEL",
+       "grace": "FH_TASKS_GRACE", "lease": "FH_TASKS_LEASE"}
+_SECRET = re.compile(r"pass(word|wd|phrase)|^pwd$|secret|token|api[-_]?key|access[-_]?key|private[-_]?key|"
+                     r"credential|authori[sz]ation|(^|[-_])auth($|[-_])|cookie|session", re.I)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_PENDING = ("queued", "running", "retrying", "waiting")
+REDACTED = "[redacted]"
+
+
+class CliError(Exception):
+    """A mistake in how the command was called; printed without a traceback."""
+
+
+# -- values ----------------------------------------------------------------------------------------
+def parse_duration(text: str) -> float:
+    "Seconds in `30s`, `15m`, `12h`, `7d`, `2w` (a bare number is seconds)."
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m: raise ValueError(f"{text!r} is not a duration like 30s, 15m, 12h, 7d or 2w")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1: raise ValueError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    v = parse_duration(text)
+    if v <= 0: raise ValueError(f"{text!r} must be more than 0 seconds")
+    return v
+
+
+def _queues(text: str) -> tuple[str, ...]:
+    qs = tuple(q.strip() for q in text.split(",") if q.strip())
+    if not qs: raise ValueError(f"{text!r} names no queue (give a comma-separated list)")
+    return qs
+
+
+def _level(text: str) -> str:
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{text!r} is not one of debug, info, warning, error")
+    return text.upper()
+
+
+def _arg(conv: Callable[[str], Any]) -> Callable[[str], Any]:
+    "An argparse type whose error message says why the value is wrong."
+    def convert(text: str) -> Any:
+        try: return conv(text)
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = conv.__name__.strip("_")
+    return convert
+
+
+def redact(value: Any, key: str = "") -> Any:
+    "A copy of `value` with the values of secret-looking keys (password, token, api_key...) replaced."
+    if key and _SECRET.search(key): return REDACTED
+    if isinstance(value, dict): return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list): return [redact(v) for v in value]
+    return value
+
+
+def _clean(text: Any, width: int | None = None) -> str:
+    "Printable text: control characters from stored data are escaped so they cannot drive the terminal."
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return s if width is None or len(s) <= width else s[: max(1, width - 1)] + "…"
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], widths: Sequence[int | None] = ()) -> str:
+    "Rows aligned under their headers; cells are cleaned and cut to `widths`."
+    cells = [[_clean(c, widths[i] if i < len(widths) else None) for i, c in enumerate(r)] for r in rows]
+    cols = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(cols[i]) for i, c in enumerate(r)).rstrip()
+    return "\n".join([line(headers), line(["-" * n for n in cols]), *map(line, cells)])
+
+
+# -- loading the app -------------------------------------------------------------------------------
+def load_target(spec: str) -> Tasks:
+    "The `Tasks` hub named by `module:attr` (a hub, or an app a hub is bound to; `module` alone: its one hub)."
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not re.fullmatch(r"[\w.]+", mod_name):
+        raise CliError(f"{spec!r} is not module:attribute (for example myapp:tasks)")
+    if os.getcwd() not in sys.path: sys.path.insert(0, os.getcwd())  # like `python -m`, find the project's modules
+    try: mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (mod_name == e.name or mod_name.startswith(e.name + ".")): raise
+        raise CliError(f"cannot import {mod_name!r}: no such module "
+                       "(run from the project directory or set PYTHONPATH)") from None
+    hubs = [v for v in vars(mod).values() if isinstance(v, Tasks)]
+    if not attr:
+        if len(hubs) == 1: return hubs[0]
+        raise CliError(f"{mod_name} defines {len(hubs)} Tasks hubs; name one: {mod_name}:tasks")
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part): raise CliError(f"{mod_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, Tasks): return obj
+    bound = [h for h in hubs if h.app is obj]
+    if len(bound) == 1: return bound[0]
+    raise CliError(f"{spec} is a {type(obj).__name__}, not a Tasks hub, and no hub in {mod_name} is bound to it; "
+                   f"point at the hub instead (for example {mod_name}:tasks)")
+
+
+def _hub(args: argparse.Namespace) -> Tasks:
+    "The hub to inspect: from --app (its registry and store), else the store file --db."
+    if args.app:
+        hub = load_target(args.app)
+        if args.db: _use_db(hub, args.db)
+        return hub
+    path = args.db or DEFAULT_DB
+    if path != ":memory:" and not os.path.exists(path):
+        raise CliError(f"no job store at {path}; pass --db PATH or --app module:attr (or set FH_TASKS_DB)")
+    return Tasks(db=path, workers=0, retention=None)
+
+
+def _use_db(hub: Tasks, path: str) -> None:
+    from .store.sqlite import SQLiteStore
+    hub.store = SQLiteStore(path, durability=getattr(hub.store, "durability", "normal"))
+    hub.store.on_commit.append(hub._wake)
+
+
+# -- worker ----------------------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    "Run workers until SIGTERM/SIGINT (a second signal gives running jobs back at once)."
+    if not args.app: raise CliError("name the app's hub: fh-tasks worker module:attr (or set FH_TASKS_APP)")
+    _logging(args.log_level)
+    hub = load_target(args.app)
+    if args.db: _use_db(hub, args.db)
+    try: hub.store.expire()  # opens the store now: a missing directory or read-only file fails here, clearly
+    except StoreError as e: raise CliError(str(e)) from None
+    if args.processes > 1: return _supervise(args)
+    opts: dict[str, Any] = {k: v for k, v in (("concurrency", args.concurrency), ("queues", args.queues),
+                                             ("grace", args.grace), ("lease", args.lease)) if v is not None}
+    w = hub.worker(burst=args.burst, **opts)
+    log.info("worker %s serving queue(s) %s with concurrency %d (lease %gs, grace %gs)", w.id, ",".join(w.queues),
+             w.concurrency, w.lease, w.grace)
+    asyncio.run(_run_worker(w))
+    log.info("worker %s stopped after %d job(s)", w.id, w.processed)
+    return 0
+
+
+async def _run_worker(w: Any) -> None:
+    loop, hits = asyncio.get_running_loop(), [0]
+
+    def on_signal(sig: signal.Signals) -> None:
+        hits[0] += 1
+        if hits[0] == 1:
+            log.info("%s: no new jobs; running ones get %gs to finish (send it again to give them back now)",
+                     sig.name, w.grace)
+            w.stop()
+        else:
+            log.warning("%s again: giving running jobs back to the queue now", sig.name)
+            w.stop(now=True)
+
+    for s in (signal.SIGTERM, signal.SIGINT): loop.add_signal_handler(s, on_signal, s)
+    await w.run()
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "fh_tasks", "worker", args.app, "--processes", "1", "--log-level", args.log_level]
+    for dest in ("db", "concurrency", "grace", "lease"):
+        if (v := getattr(args, dest)) is not None: argv += [f"--{dest}", str(v)]
+    if args.queues: argv += ["--queues", ",".join(args.queues)]
+    return argv + (["--burst"] if args.burst else [])
+
+
+def _start_child(argv: list[str]) -> subprocess.Popen[bytes]:
+    parent = os.getpid()
+
+    def die_with_supervisor() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a graceful stop if we are killed
+        if os.getppid() != parent: os._exit(1)
+
+    # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_supervisor)
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    "Run `--processes` worker processes; restart one that dies; forward stop signals."
+    argv, signals = _child_argv(args), []
+    procs = {i: (_start_child(argv), time.monotonic()) for i in range(args.processes)}
+    log.info("supervisor %d started worker processes %s", os.getpid(), " ".join(str(p.pid) for p, _ in procs.values()))
+
+    def forward(sig: int, _frame: Any) -> None:
+        signals.append(sig)
+        for p, _ in procs.values():
+            if p.poll() is None: p.send_signal(sig)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    worst = 0
+    try:
+        while procs:
+            time.sleep(0.1)
+            for i, (p, started) in list(procs.items()):
+                if (rc := p.poll()) is None: continue
+                if signals or rc == 0 or rc == 2:  # stopping, finished (--burst), or a start-up error
+                    worst = max(worst, rc if rc > 0 else 0)
+                    del procs[i]
+                    continue
+                log.warning("worker process %d ended with %s; starting another", p.pid, _exit_text(rc))
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))  # no busy loop when a job kills every worker
+                procs[i] = (_start_child(argv), time.monotonic())
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+    return worst
+
+
+def _exit_text(rc: int) -> str:
+    if rc < 0:
+        try: return f"signal {signal.Signals(-rc).name}"
+        except ValueError: return f"signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s")
+
+
+# -- inspecting and managing jobs ------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    "List jobs, newest first."
+    hub = _hub(args)
+    rows = [(r.id, r.task, r.state.value, f"{r.attempts}/{r.max_attempts}", _when(r.created_at), _when(r.finished_at),
+             _error_line(r)) for r in hub.jobs(state=args.state, task=args.task, limit=args.limit)]
+    print(table(("ID", "TASK", "STATE", "TRIES", "CREATED", "FINISHED", "ERROR"), rows, (32, 40, 9, 7, 19, 19, 60)))
+    return 0
+
+
+def _error_line(r: JobRecord) -> str:
+    if not isinstance(r.error, dict): return "" if r.error is None else str(r.error)
+    return f"{r.error.get('type', 'Error')}: {r.error.get('message', '')}".splitlines()[0] if r.error else ""
+
+
+def _record(hub: Tasks, id: str) -> JobRecord:
+    rec = hub.get(id)
+    if rec is None: raise CliError(f"no job {id!r} in {getattr(hub.store, 'path', 'the store')}")
+    return rec
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    "Show one job; arguments with secret-looking names are redacted."
+    hub = _hub(args)
+    r = _record(hub, args.id)
+    task = hub.registry.get(r.task)
+    names = [p for p in task.signature.parameters] if task else []
+    positional = [REDACTED if i < len(names) and _SECRET.search(names[i]) else redact(a) for i, a in enumerate(r.args)]
+    fields: list[tuple[str, Any]] = [
+        ("id", r.id), ("task", r.task), ("queue", r.queue), ("state", r.state.value),
+        ("attempts", f"{r.attempts} of {r.max_attempts}"), ("created", _when(r.created_at)),
+        ("run at", _when(r.run_at)), ("started", _when(r.started_at)), ("finished", _when(r.finished_at)),
+        ("worker", r.worker or "-"), ("parent", r.parent or "-"), ("args", _json(positional)),
+        ("kwargs", _json(redact(r.kwargs))), ("progress", _json(redact(r.progress))),
+        ("result", _json(redact(r.result)))]
+    if isinstance(r.error, dict):
+        fields.append(("error", f"{r.error.get('type', 'Error')}: {r.error.get('message', '')}"))
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields: print(f"{k.ljust(width)}  {_clean(v)}")
+    tb = r.error.get("traceback") if isinstance(r.error, dict) else None
+    if tb:
+        print("traceback:")
+        for line in str(tb).rstrip().splitlines(): print("    " + _clean(line))
+    return 0
+
+
+def _json(v: Any) -> str:
+    return "-" if v is None else json.dumps(v, ensure_ascii=False)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    "Queue a failed or cancelled job again (or every failed job) with fresh attempts."
+    hub = _hub(args)
+    if args.failed == bool(args.id): raise CliError("give either a job ID or --failed")
+    if args.id:
+        if not hub.retry(args.id):
+            r = _record(hub, args.id)
+            raise CliError(f"job {r.id} is {r.state.value}; only failed or cancelled jobs can be retried")
+        print(f"requeued {args.id}")
+        return 0
+    total = 0
+    while batch := hub.jobs(state="failed", limit=500):
+        n = sum(hub.retry(r.id) for r in batch)
+        total += n
+        if n == 0: break  # retried elsewhere meanwhile
+    print(f"requeued {total} failed job(s)")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    "Cancel a job that has not started."
+    hub = _hub(args)
+    if not hub.cancel(args.id):
+        r = _record(hub, args.id)
+        raise CliError(f"job {r.id} is {r.state.value}; only jobs that have not started can be cancelled")
+    print(f"cancelled {args.id}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    "Delete finished (succeeded, failed, cancelled) jobs older than --older-than."
+    n = _hub(args).prune(args.older_than)
+    print(f"deleted {n} finished job(s) older than {_ago(args.older_than)}")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    for unit in "wdhm":
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0: return f"{seconds // _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    "Jobs per state, and throughput over the last minute."
+    hub = _hub(args)
+    counts = hub.counts()
+    rows = [(s.value, counts.get(s.value, 0)) for s in JobState] + [("total", sum(counts.values()))]
+    print(table(("STATE", "JOBS"), rows))
+    since = getattr(hub.store, "finished_since", None)
+    if since is not None:
+        n = since(time.time() - 60)
+        print(f"\nfinished in the last minute: {n} ({n / 60:.1f} jobs/s)")
+    workers = {r.worker for r in hub.jobs(state="running", limit=10_000) if r.worker}
+    print(f"workers with running jobs: {len(workers)}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    "Wait until no job is queued, running, retrying or waiting; a progress bar goes to stderr."
+    hub = _hub(args)
+    since = getattr(hub.store, "finished_since", None)
+    start, shown, tty = time.time(), 0.0, sys.stderr.isatty()
+    while True:
+        counts = hub.counts()
+        pending = sum(counts.get(s, 0) for s in _PENDING)
+        done = since(start) if since is not None else 0
+        now = time.time()
+        over = args.timeout is not None and now - start >= args.timeout
+        if pending == 0 or over or now - shown >= (0.2 if tty else 1.0):
+            _bar(done, pending, counts.get("running", 0), now - start, tty)
+            shown = now
+        if pending == 0 or over:
+            if tty: sys.stderr.write("\n")
+            if over: sys.stderr.write(f"fh-tasks: {pending} job(s) still pending after {args.timeout:g}s\n")
+            return 1 if over else 0
+        time.sleep(args.interval)
+
+
+def _bar(done: int, pending: int, running: int, elapsed: float, tty: bool) -> None:
+    total = done + pending
+    frac = done / total if total else 1.0
+    fill = int(frac * 30)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = f"  eta {pending / rate:.0f}s" if rate > 0 and pending else ""
+    line = f"[{'#' * fill}{'.' * (30 - fill)}] {done}/{total} done  {running} running  {rate:.1f} jobs/s{eta}"
+    sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
+    sys.stderr.flush()
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+_CONVERT: dict[str, Callable[[str], Any]] = {
+    "processes": _positive_int, "concurrency": _positive_int, "queues": _queues, "grace": parse_duration,
+    "lease": _seconds, "log_level": _level}
+_WORKER_OPTIONS = (
+    ("processes", "N", "worker processes (default 1)"),
+    ("concurrency", "N", "jobs each process runs at once (default: the hub's)"),
+    ("queues", "LIST", "comma-separated queues to serve (default: the hub's)"),
+    ("grace", "SECONDS", "time running jobs get to finish when stopping (default: the hub's)"),
+    ("lease", "SECONDS", "time before a silent worker's jobs are taken back (default: the hub's)"),
+    ("log_level", "LEVEL", "debug, info, warning or error (default info)"))
+
+def _env_help(dest: str, text: str) -> str:
+    return f"{text} [env {ENV[dest]}]"
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="PATH", help=_env_help("db", f"SQLite job store (default ./{DEFAULT_DB})"))
+    p.add_argument("--app", metavar="MODULE:ATTR", help=_env_help("app", "the app's Tasks hub; its store is used"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    "The argument parser of `fh-tasks`."
+    p = argparse.ArgumentParser(prog="fh-tasks", description="Workers and job management for fh-tasks.",
+                                epilog="Environment variables give defaults; flags win.")
+    p.add_argument("--version", action="version", version=f"fh-tasks {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    w = sub.add_parser("worker", help="run workers", description=cmd_worker.__doc__)
+    w.add_argument("app", nargs="?", metavar="MODULE:ATTR",
+                   help=_env_help("app", "the Tasks hub (or the app it is bound to)"))
+    for dest, metavar, text in _WORKER_OPTIONS:
+        w.add_argument(f"--{dest.replace('_', '-')}", type=_arg(_CONVERT[dest]), metavar=metavar,
+                       help=_env_help(dest, text))
+    w.add_argument("--db", metavar="PATH", help=_env_help("db", "use this SQLite file instead of the hub's"))
+    w.add_argument("--burst", action="store_true", help="stop once no job is due")
+    w.set_defaults(func=cmd_worker)
+    _add_commands(sub)
+    return p
+
+
+def _add_commands(sub: Any) -> None:
+    ls = sub.add_parser("ls", help="list jobs", description=cmd_ls.__doc__)
+    ls.add_argument("--state", choices=[s.value for s in JobState])
+    ls.add_argument("--task", help="only jobs of this task (its stored name)")
+    ls.add_argument("--limit", type=_arg(_positive_int), default=50, help="at most this many (default 50)")
+    show = sub.add_parser("show", help="show one job", description=cmd_show.__doc__)
+    show.add_argument("id")
+    retry = sub.add_parser("retry", help="requeue a failed job, or all of them", description=cmd_retry.__doc__)
+    retry.add_argument("id", nargs="?")
+    retry.add_argument("--failed", action="store_true", help="requeue every failed job")
+    cancel = sub.add_parser("cancel", help="cancel a job that has not started", description=cmd_cancel.__doc__)
+    cancel.add_argument("id")
+    purge = sub.add_parser("purge", help="delete old finished jobs", description=cmd_purge.__doc__)
+    purge.add_argument("--older-than", required=True, type=_arg(parse_duration), metavar="AGE", help="e.g. 12h, 7d, 2w")
+    stats = sub.add_parser("stats", help="jobs per state and throughput", description=cmd_stats.__doc__)
+    wait = sub.add_parser("wait", help="wait for the queue to drain", description=cmd_wait.__doc__)
+    wait.add_argument("--timeout", type=_arg(_seconds), help="give up (exit 1) after this long")
+    wait.add_argument("--interval", type=_arg(_seconds), default=0.2, help=argparse.SUPPRESS)
+    for name, sp in (("ls", ls), ("show", show), ("retry", retry), ("cancel", cancel), ("purge", purge),
+                     ("stats", stats), ("wait", wait)):
+        _store_options(sp)
+        sp.set_defaults(func=globals()[f"cmd_{name}"])
+
+
+
+
+def _apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    "Fill options not given on the command line from FH_TASKS_* variables; a bad value names its variable."
+    for dest, var in ENV.items():
+        if getattr(args, dest, "absent") is not None or not (raw := os.environ.get(var, "")): continue
+        try: setattr(args, dest, _CONVERT.get(dest, str)(raw))
+        except ValueError as e: parser.error(f"{var}: {e}")
+    if getattr(args, "command", None) == "worker":
+        args.processes = args.processes or 1
+        args.log_level = args.log_level or "INFO"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    "Entry point of the `fh-tasks` console script."
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _apply_env(args, parser)
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        print(f"fh-tasks: error: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"fh-tasks: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
