@@ -2,8 +2,19 @@
 from .app import Tasks
 from .chain import BackgroundTasks
 from .context import JobContext, current_job
-from .errors import (ArgumentError, FhTasksError, JobCancelled, JobFailed, PayloadTooLarge, QueueBusy,
-                     QueueUnavailable, Retry, StoreError, TaskNotRegistered, TaskTimeout)
+from .errors import (
+    ArgumentError,
+    FhTasksError,
+    JobCancelled,
+    JobFailed,
+    PayloadTooLarge,
+    QueueBusy,
+    QueueUnavailable,
+    Retry,
+    StoreError,
+    TaskNotRegistered,
+    TaskTimeout,
+)
 from .job import Job, JobRecord, JobState
 from .task import Task
 from .ui.status import JobStatus

@@ -88,7 +88,8 @@ class Tasks:
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
     @overload
     def task(self, fn: None = None, /, *, name: str | None = None, queue: str = "default", retries: int = 0,
-             retry_delay: float = 1.0, timeout: float | None = None, process: bool = False) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+             retry_delay: float = 1.0, timeout: float | None = None,
+             process: bool = False) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(self, fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
              retries: int = 0, retry_delay: float = 1.0, timeout: float | None = None,
@@ -108,7 +109,9 @@ class Tasks:
             if isinstance(f, Task): raise TypeError(f"{f.name} is already a registered task")
             if not callable(f): raise TypeError(f"@tasks.task needs a function, not {type(f).__name__}")
             t: Task[P, R] = Task(self, f, name or task_name(f), opts)
-            if (old := self.registry.get(t.name)) is not None and old.fn is not f and getattr(old.fn, "__code__", None) is not getattr(f, "__code__", 0):
+            old = self.registry.get(t.name)
+            same = old is None or old.fn is f or getattr(old.fn, "__code__", None) is getattr(f, "__code__", 0)
+            if not same:
                 raise ValueError(f"two different functions are registered as task {t.name!r}; pass name=")
             self.registry[t.name] = t
             _registry[t.name] = t
@@ -123,6 +126,11 @@ class Tasks:
         if batch is not None and batch.open: batch.jobs.append(job)
         else: self._store_now([job])
         return job
+
+    def _is_pending(self, job: Job) -> bool:
+        "True while `job` waits in the current request's batch for the response to start."
+        batch = _batch.get()
+        return batch is not None and batch.open and any(j is job for j in batch.jobs)
 
     def _store_now(self, jobs: Sequence[Job]) -> None:
         rows = [j.new for j in jobs if not j.stored]
@@ -164,7 +172,8 @@ class Tasks:
     def _run_eager(self) -> None:
         "Eager mode: drain due jobs now, in a helper thread with its own loop, and wait for it."
         with self._eager_lock:
-            w = Worker(self, concurrency=1, queues=tuple({t.options.queue for t in self.registry.values()} | set(self.queues)),
+            queues = tuple({t.options.queue for t in self.registry.values()} | set(self.queues))
+            w = Worker(self, concurrency=1, queues=queues,
                        lease=self.lease, burst=True, eager=True, poll_interval=0.001)
             th = threading.Thread(target=asyncio.run, args=(w.run(),), name="fh-tasks-eager")
             th.start()
@@ -217,6 +226,7 @@ class Tasks:
     async def start(self) -> None:
         "Start the in-process workers on the running loop (done by the app's lifespan)."
         if self.eager or self._own: return
+        self.store.expire()  # opens the store: a missing directory or read-only file fails startup, not a request
         for _ in range(self.workers):
             w = self.worker()
             self._own.append((w, asyncio.ensure_future(w.run())))

@@ -125,29 +125,39 @@ class Job(BackgroundTask):
         rec = self.get()
         return rec.state if rec else None
 
+    def _check_waitable(self) -> None:
+        if not self.stored and self.hub._is_pending(self):
+            raise RuntimeError(f"job {self.id} ({self.task}) is stored when the response starts, so the handler that "
+                               "deferred it cannot wait for it; wait after the response, or defer outside a request")
+
     def wait(self, timeout: float | None = 30.0, interval: float = 0.01) -> JobRecord:
         "Block until the job is final and return its record; raises TimeoutError after `timeout` seconds."
+        self._check_waitable()
         try: asyncio.get_running_loop()
         except RuntimeError: pass
         else:
             if self.hub._worker_loop_is_current():
-                raise RuntimeError("Job.wait() would block the event loop the worker runs on; use `await job.wait_async()`")
+                raise RuntimeError("Job.wait() would block the event loop the worker runs on; "
+                                   "use `await job.wait_async()`")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             rec = self.get()
             if rec and rec.done: return rec
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s (state {rec and rec.state})")
+                raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s "
+                                   f"(state {rec and rec.state})")
             time.sleep(interval)
 
     async def wait_async(self, timeout: float | None = 30.0, interval: float = 0.01) -> JobRecord:
         "Await the job's final record; raises TimeoutError after `timeout` seconds."
+        self._check_waitable()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             rec = self.get()
             if rec and rec.done: return rec
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s (state {rec and rec.state})")
+                raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s "
+                                   f"(state {rec and rec.state})")
             await asyncio.sleep(interval)
 
     def result(self, timeout: float | None = 30.0) -> Any:

@@ -57,7 +57,8 @@ class TaskOptions:
             raise ValueError(f"retries must be an int >= 0, not {self.retries!r}")
         if self.timeout is not None and not (_number(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
-        if not (_number(self.delay) and self.delay >= 0): raise ValueError(f"delay must be >= 0 seconds, not {self.delay!r}")
+        if not (_number(self.delay) and self.delay >= 0):
+            raise ValueError(f"delay must be >= 0 seconds, not {self.delay!r}")
         if not (_number(self.retry_delay) and self.retry_delay >= 0):
             raise ValueError(f"retry_delay must be >= 0 seconds, not {self.retry_delay!r}")
 
@@ -73,7 +74,8 @@ class Task(Generic[P, R]):
     def __init__(self, hub: Tasks, fn: Callable[P, R], name: str, options: TaskOptions) -> None:
         self.hub, self.fn, self.name, self.options = hub, fn, name, options
         self.is_async = inspect.iscoroutinefunction(fn)
-        if options.process and self.is_async: raise ValueError(f"task {name}: process=True needs a plain (sync) function")
+        if options.process and self.is_async:
+            raise ValueError(f"task {name}: process=True needs a plain (sync) function")
         self.policy = RetryPolicy(options.retries, options.retry_delay)
         self.signature = inspect.signature(fn)
         self._names = [p.name for p in self.signature.parameters.values()
@@ -100,7 +102,8 @@ class Task(Generic[P, R]):
         "Options for one call: `task.with_options(delay=60, retries=5).defer(...)`."
         return Deferrer(self, replace(self.options, **options))
 
-    def new_job(self, args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions, parent: str | None = None) -> NewJob:
+    def new_job(self, args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions,
+                parent: str | None = None) -> NewJob:
         "Validate a call and build the row to store."
         try: self.signature.bind(*args, **kwargs)
         except TypeError as e: raise TypeError(f"{self.name}: {e}") from None

@@ -63,7 +63,7 @@ class Worker:
         self.poll_interval, self.grace, self.burst, self.eager = poll_interval, grace, burst, eager
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.log = log.getChild(self.id.replace(".", "_"))
-        self.running: dict[str, _Run] = {}
+        self.running: dict[tuple[str, int], _Run] = {}
         self._outcomes: list[tuple[_Run, Outcome]] = []
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,7 +136,8 @@ class Worker:
         asked = min(free, CLAIM_BATCH) if free > 0 else 0
         if not batch and not asked: return 0, 0
         try:
-            accepted, claims = self.store.finish_and_claim([o for _, o in batch], self.id, self.queues, asked, self.lease)
+            outcomes = [o for _, o in batch]
+            accepted, claims = self.store.finish_and_claim(outcomes, self.id, self.queues, asked, self.lease)
         except Exception:
             self.log.exception("could not record outcomes or claim jobs; retrying")
             self._outcomes = batch + self._outcomes
@@ -154,7 +155,8 @@ class Worker:
         if not batch: return
         self.processed += len(batch)
         if accepted < len(batch):
-            self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back", len(batch) - accepted)
+            self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back",
+                             len(batch) - accepted)
         self.hub._finished()
 
     def _idle_timeout(self) -> float:
@@ -190,10 +192,11 @@ class Worker:
     # -- running one job ------------------------------------------------------------------------
     def _start(self, claim: Claim) -> None:
         run = _Run(claim)
-        self.running[claim.id] = run
+        self.running[(claim.id, claim.attempt)] = run
         task = self.hub.registry.get(claim.task)
         if task is None:
-            return self._settle(run, "fail", error=_err("UnknownTask", f"no task named {claim.task!r} is registered with this app"))
+            msg = f"no task named {claim.task!r} is registered with this app"
+            return self._settle(run, "fail", error=_err("UnknownTask", msg))
         try:
             args, kwargs = decode_args(claim.args)
         except ValueError as e:
@@ -231,16 +234,18 @@ class Worker:
             else:
                 try: result = encode_value(fut.result(), "the result")
                 except ArgumentError as e:
-                    self._settle(run, "fail", error=_err("ResultError", f"{run.claim.task} returned a value that is not JSON: {e}"))
+                    msg = f"{run.claim.task} returned a value that is not JSON: {e}"
+                    self._settle(run, "fail", error=_err("ResultError", msg))
                 else: self._settle(run, "succeed", result=result)
-        # A timed-out sync attempt returns late: by then its retry may run under the same job id.
-        if self.running.get(run.claim.id) is run: del self.running[run.claim.id]
+        # Keyed by attempt: a timed-out sync attempt keeps its slot until its thread returns, beside its retry.
+        self.running.pop((run.claim.id, run.claim.attempt), None)
         self._nudge()
 
     def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:
         c = run.claim
         if isinstance(exc, _Exited) and exc.__cause__ is not None: exc = exc.__cause__
-        error = _err(type(exc).__name__, str(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        error = _err(type(exc).__name__, str(exc), tb)
         if c.attempt < c.max_attempts:
             delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else task.policy.backoff(c.attempt)
             if self.eager: delay = 0.0
@@ -257,7 +262,7 @@ class Worker:
         run.settled = True
         self._outcomes.append((run, Outcome(kind, run.claim.id, run.claim.attempt, result,
                                             json.dumps(error) if error else None, run_at)))
-        if run.future is None: self.running.pop(run.claim.id, None)
+        if run.future is None: self.running.pop((run.claim.id, run.claim.attempt), None)
         self._nudge()
 
     def _nudge(self) -> None:
@@ -300,7 +305,8 @@ class Worker:
         try:
             accepted = self.store.finish([o for _, o in batch])
         except Exception:
-            self.log.exception("could not record %d outcome(s); their leases will expire and they will run again", len(batch))
+            self.log.exception("could not record %d outcome(s); their leases will expire and they will run again",
+                               len(batch))
             return
         self._recorded(batch, accepted)
 

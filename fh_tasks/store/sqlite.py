@@ -48,9 +48,11 @@ class SQLiteStore:
     last commits. `durability="full"` fsyncs every commit; concurrent enqueues share one commit.
     """
 
-    def __init__(self, path: str | os.PathLike[str] = "fh_tasks.db", *, durability: Literal["normal", "full"] = "normal",
+    def __init__(self, path: str | os.PathLike[str] = "fh_tasks.db", *,
+                 durability: Literal["normal", "full"] = "normal",
                  busy_timeout: float = BUSY_TIMEOUT, clock: Callable[[], float] = time.time) -> None:
-        if durability not in ("normal", "full"): raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
+        if durability not in ("normal", "full"):
+            raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
         self.path, self.durability, self.busy_timeout, self.clock = str(path), durability, busy_timeout, clock
         self.memory = self.path == ":memory:"
         self._lock = threading.RLock()
@@ -67,7 +69,9 @@ class SQLiteStore:
             raise QueueUnavailable(f"cannot open job store {self.path}: directory {p.parent} does not exist")
         if p.exists():
             if not os.access(p, os.R_OK | os.W_OK):
-                raise QueueUnavailable(f"cannot open job store {self.path}: the file is read-only for this user")
+                ro_fs = hasattr(os, "statvfs") and os.statvfs(p.parent).f_flag & os.ST_RDONLY
+                why = "it is on a read-only file system" if ro_fs else "the file is read-only for this user"
+                raise QueueUnavailable(f"cannot open job store {self.path}: {why}")
         elif not os.access(p.parent, os.W_OK):
             raise QueueUnavailable(f"cannot create job store {self.path}: directory {p.parent} is not writable")
         else:  # create it private before SQLite does (0600), whatever the umask
@@ -82,7 +86,8 @@ class SQLiteStore:
             c.row_factory = sqlite3.Row
             if not self.memory:
                 mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode.lower() != "wal": raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
+                if mode.lower() != "wal":
+                    raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
             c.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
             c.execute("PRAGMA journal_size_limit=67108864")
             c.execute("PRAGMA temp_store=MEMORY")
@@ -97,7 +102,8 @@ class SQLiteStore:
         if have:
             v = int(c.execute("SELECT value FROM fh_meta WHERE key='schema_version'").fetchone()[0])
             if v != SCHEMA_VERSION:
-                raise StoreError(f"job store {self.path} has schema version {v}; this fh-tasks expects {SCHEMA_VERSION}")
+                raise StoreError(f"job store {self.path} has schema version {v}; "
+                                 f"this fh-tasks expects {SCHEMA_VERSION}")
             return
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -236,7 +242,8 @@ class SQLiteStore:
                                                      for o in ok]).rowcount
             c.execute(Q["release_children_of"], {"ids": json.dumps([o.id for o in ok]), "now": now})
         if (rt := by_kind.get("retry")):
-            accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error, "run_at": o.run_at}
+            accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error,
+                                                    "run_at": o.run_at}
                                                    for o in rt]).rowcount
         if (rl := by_kind.get("release")):
             accepted += c.executemany(Q["release"], [{"id": o.id, "attempt": o.attempt} for o in rl]).rowcount
@@ -250,7 +257,8 @@ class SQLiteStore:
         todo = [id]
         while todo:
             parent = todo.pop()
-            err = json.dumps({"type": "Cancelled", "message": f"an earlier job in its chain ({parent}) did not succeed"})
+            msg = f"an earlier job in its chain ({parent}) did not succeed"
+            err = json.dumps({"type": "Cancelled", "message": msg})
             todo += [r[0] for r in c.execute(Q["cancel_children"], {"id": parent, "now": now, "error": err})]
 
     def heartbeat(self, worker: str, lease: float) -> int:
@@ -298,7 +306,8 @@ class SQLiteStore:
         where, params = [], []
         if state: where.append("state = ?"); params.append(str(state))
         if task: where.append("task = ?"); params.append(task)
-        sql = f"SELECT * FROM fh_jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ? OFFSET ?"
+        cond = "WHERE " + " AND ".join(where) if where else ""
+        sql = f"SELECT * FROM fh_jobs {cond} ORDER BY seq DESC LIMIT ? OFFSET ?"
         return [JobRecord.from_row(dict(r)) for r in self._read(sql, [*params, max(0, limit), max(0, offset)])]
 
     def counts(self) -> dict[str, int]:
@@ -307,7 +316,8 @@ class SQLiteStore:
     def next_due(self, queues: Sequence[str]) -> float | None:
         "When the next waiting job of these queues is due (None: nothing waits)."
         if not queues: return None
-        row = self._read(_per_queue("next_due", "next_due_one", len(queues)), {f"q{i}": q for i, q in enumerate(queues)})
+        row = self._read(_per_queue("next_due", "next_due_one", len(queues)),
+                         {f"q{i}": q for i, q in enumerate(queues)})
         return None if not row or row[0][0] is None else float(row[0][0])
 
     def finished_since(self, since: float) -> int:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fastcore.xml import to_xml
 from fasthtml.common import Div, Progress, Span
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from fastcore.xml import to_xml
 
 from ..job import Job, JobRecord
 
@@ -20,7 +20,8 @@ PREFIX = "/_tasks"
 
 
 def _progress(p: Any) -> Any:
-    if isinstance(p, dict) and isinstance(p.get("done"), (int, float)) and isinstance(p.get("total"), (int, float)) and p["total"] > 0:
+    num = (int, float)
+    if isinstance(p, dict) and isinstance(p.get("done"), num) and isinstance(p.get("total"), num) and p["total"] > 0:
         return Progress(value=str(p["done"]), max=str(p["total"]))
     if isinstance(p, (int, float)) and 0 <= p <= 1: return Progress(value=str(p), max="1")
     return Span(str(p), cls="fh-job-progress") if p is not None else ""
@@ -33,7 +34,7 @@ def JobStatus(job: Job | str | JobRecord, hub: Tasks | None = None, every: str =
     else:
         if hub is None: raise TypeError("JobStatus(id) needs the hub: JobStatus(id, tasks)")
         rec, jid = hub.get(job), job
-    # A job deferred in this request is stored only when the response starts: show the state it is stored with.
+    # A job deferred in this request is not stored until the response starts: show the state it was deferred in.
     state = rec.state.value if rec else job.new.state if isinstance(job, Job) and not job.stored else "unknown"
     parts: list[Any] = [Span(state, cls="fh-job-state")]
     if rec is not None and rec.state.value == "running": parts.append(_progress(rec.progress))
