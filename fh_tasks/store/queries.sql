@@ -55,9 +55,10 @@ UPDATE fh_jobs SET lease_until = :lease_until WHERE state = 'running' AND worker
 
 -- name: expire
 -- Jobs whose worker stopped renewing the lease: back to the queue, or failed once out of attempts.
+-- A lost worker is not the task's fault: such a job gets at least :crash_attempts attempts in all.
 UPDATE fh_jobs SET
-       state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
-       finished_at = CASE WHEN attempts >= max_attempts THEN :now END,
+       state = CASE WHEN attempts >= max(max_attempts, :crash_attempts) THEN 'failed' ELSE 'queued' END,
+       finished_at = CASE WHEN attempts >= max(max_attempts, :crash_attempts) THEN :now END,
        error = :error, lease_until = NULL, worker = NULL
  WHERE state = 'running' AND lease_until < :now
 RETURNING id, state;

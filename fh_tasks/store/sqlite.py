@@ -22,6 +22,8 @@ from . import Claim, NewJob, Outcome
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
+#: Attempts a job gets in all when its workers keep dying under it (or its retries + 1, if more).
+CRASH_ATTEMPTS = 3
 #: Seconds a write waits for another process's lock before `QueueBusy` is raised.
 BUSY_TIMEOUT = 5.0
 # Connections inherited across fork() must never be used or closed in the child (sqlite howtocorrupt §2.6).
@@ -269,7 +271,8 @@ class SQLiteStore:
         now = self.clock()
         err = json.dumps({"type": "WorkerLost", "message": "the worker running this job stopped (its lease expired)"})
         with self._tx("requeue expired jobs") as c:
-            rows = [(r[0], r[1]) for r in c.execute(Q["expire"], {"now": now, "error": err}).fetchall()]
+            rows = [(r[0], r[1]) for r in c.execute(Q["expire"], {"now": now, "error": err,
+                                                                  "crash_attempts": CRASH_ATTEMPTS}).fetchall()]
             for id, state in rows:
                 if state == "failed": self._cancel_chain(c, id, now)
         if rows: self._committed()

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from support import ROOT, uvicorn_server
 
 

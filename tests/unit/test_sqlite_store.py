@@ -12,7 +12,7 @@ import pytest
 
 from fh_tasks import StoreError
 from fh_tasks.store import NewJob, Outcome
-from fh_tasks.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from fh_tasks.store.sqlite import CRASH_ATTEMPTS, SCHEMA_VERSION, SQLiteStore
 
 T0 = 1_700_000_000.0
 
@@ -163,26 +163,40 @@ def test_finish_records_each_kind(store, clock):
 
 
 def test_expire_requeues_then_fails_with_worker_lost(store, clock):
-    # Given a job with two attempts, claimed under a 10 s lease
-    j = new(clock, attempts=2)
+    # Given a job with no retries (one attempt for errors), claimed under a 10 s lease
+    j = new(clock, attempts=1)
     store.enqueue([j])
     store.claim("w1", ["default"], 1, lease=10)
     # When the lease has not yet run out, Then nothing expires
     clock.advance(10)
     assert store.expire() == []
-    # When it has, Then the job is queued again with its attempt charged
+    # When it has, Then the job is queued again with its attempt charged: a lost worker is not the task's fault
     clock.advance(0.5)
     assert store.expire() == [(j.id, "queued")]
     rec = store.get(j.id)
     assert (rec.state, rec.attempts, rec.worker, rec.error["type"]) == ("queued", 1, None, "WorkerLost")
-    # When the second (last) attempt's worker dies too, Then the job fails with WorkerLost
-    store.claim("w2", ["default"], 1, lease=10)
-    clock.advance(11)
-    assert store.expire() == [(j.id, "failed")]
+    # When the workers of its second and third (last crash) attempts die too, Then it fails with WorkerLost
+    for worker, expected in (("w2", "queued"), ("w3", "failed")):
+        store.claim(worker, ["default"], 1, lease=10)
+        clock.advance(11)
+        assert store.expire() == [(j.id, expected)]
     rec = store.get(j.id)
-    assert (rec.state, rec.attempts, rec.finished_at) == ("failed", 2, clock())
+    assert (rec.state, rec.attempts, rec.finished_at) == ("failed", CRASH_ATTEMPTS, clock())
     assert rec.error["type"] == "WorkerLost" and "lease" in rec.error["message"]
-    assert store.claim("w3", ["default"], 1, lease=10) == []
+    assert store.claim("w4", ["default"], 1, lease=10) == []
+
+
+def test_expire_gives_a_job_with_more_retries_all_its_attempts(store, clock):
+    # Given a job allowed five attempts
+    j = new(clock, attempts=5)
+    store.enqueue([j])
+    # When its worker dies five times, Then it is requeued four times and failed the fifth
+    states = []
+    for n in range(5):
+        store.claim(f"w{n}", ["default"], 1, lease=1)
+        clock.advance(2)
+        states += [s for _, s in store.expire()]
+    assert states == ["queued"] * 4 + ["failed"]
 
 
 def test_heartbeat_extends_only_its_workers_leases(store, clock):

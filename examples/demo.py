@@ -1,0 +1,117 @@
+"""`make demo`: the seed's dashboard and its slow service, two uvicorn servers on loopback; Ctrl-C stops both.
+
+Ports: DEMO_PORT (dashboard, default 5001) and SLOW_API_PORT (slow service, default 8123).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+#: Seconds a server gets to shut down (running jobs finish or go back to the queue) before it is killed.
+STOP_TIMEOUT = 20.0
+
+
+class Demo:
+    "The two servers, started and stopped together."
+
+    def __init__(self, dashboard_port: int, slow_port: int) -> None:
+        self.ports = {"slow_api": slow_port, "dashboard": dashboard_port}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.signal: int | None = None
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        "First signal: stop both servers gracefully; a second one kills them."
+        if self.signal is not None: self.kill()
+        self.signal = signum
+
+    def start(self) -> None:
+        "Start the slow service, then the dashboard pointed at it."
+        env = {**os.environ, "SLOW_API_URL": f"http://{HOST}:{self.ports['slow_api']}"}
+        for name, port in self.ports.items():
+            if self.signal is not None: return
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", f"{name}:app", "--app-dir", str(HERE), "--host", HOST,
+                 "--port", str(port)], env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        "True once both servers listen; False if one exited or a signal came first."
+        deadline = time.monotonic() + timeout
+        pending = dict(self.ports)
+        while pending and self.signal is None and time.monotonic() < deadline:
+            if self.exited(): return False
+            for name, port in list(pending.items()):
+                if _listening(port): del pending[name]
+            time.sleep(0.1)
+        return not pending
+
+    def exited(self) -> str | None:
+        "The name of a server that has exited, if any."
+        return next((n for n, p in self.procs.items() if p.poll() is not None), None)
+
+    def stop(self) -> None:
+        "Ask both servers to stop (each finishes or releases its jobs) and wait for them; kill any that hang."
+        sig = signal.SIGINT if self.signal in (None, signal.SIGINT) else signal.SIGTERM
+        for p in self.procs.values():
+            if p.poll() is None: p.send_signal(sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for p in self.procs.values():
+            try: p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired: p.kill(); p.wait()
+
+    def kill(self) -> None:
+        "Kill both servers at once."
+        for p in self.procs.values():
+            if p.poll() is None: p.kill()
+
+
+def _die_with_parent() -> None:
+    # The servers run in their own session (so one Ctrl-C reaches them once, through us); should this
+    # process die without stopping them, Linux sends them SIGTERM rather than leaving them orphaned.
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), 0.2): return True
+    except OSError: return False
+
+
+def _port(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    if not raw.isdigit() or not 0 < int(raw) < 65536: sys.exit(f"{name} must be a TCP port number, not {raw!r}")
+    port = int(raw)
+    if _listening(port): sys.exit(f"port {port} ({name}) is already in use on {HOST}: stop what uses it or set {name}")
+    return port
+
+
+def main() -> int:
+    "Run the demo until Ctrl-C or SIGTERM; returns the exit status."
+    demo = Demo(_port("DEMO_PORT", 5001), _port("SLOW_API_PORT", 8123))
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, demo.on_signal)
+    try:
+        demo.start()
+        if demo.wait_ready():
+            print(f"\n  Background Task Dashboard: http://{HOST}:{demo.ports['dashboard']}"
+                  f"  (slow service on port {demo.ports['slow_api']}; Ctrl-C stops both)\n", flush=True)
+            while demo.signal is None and not demo.exited(): time.sleep(0.2)
+        if demo.signal is None:
+            print(f"demo: {demo.exited() or 'a server'} did not start or stopped on its own; stopping the other",
+                  file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        demo.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The seed's examples (examples/*.py) on fh-tasks, driven over HTTP against real uvicorn servers on loopback."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from support import ROOT, free_port, uvicorn_server, wait_port
+
+from fh_tasks.encoding import decode_args, decode_value
+
+EXAMPLES = ROOT / "examples"
+HX = {"HX-Request": "1"}
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], timeout: float = 15.0, what: str = "the condition") -> T:
+    "Poll `probe` until it returns something truthy; fail after `timeout` seconds."
+    deadline = time.monotonic() + timeout
+    while True:
+        if (got := probe()): return got
+        if time.monotonic() >= deadline: raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.05)
+
+
+def job_rows(db: Path) -> list[dict[str, Any]]:
+    "Every job in the SQLite file, oldest first."
+    if not db.exists(): return []
+    with sqlite3.connect(db) as c:
+        c.row_factory = sqlite3.Row
+        return [dict(r) for r in c.execute("SELECT * FROM fh_jobs ORDER BY seq")]
+
+
+def all_final(db: Path, n: int) -> list[dict[str, Any]]:
+    "The jobs, once there are `n` and every one is final; else []."
+    rows = job_rows(db)
+    done = len(rows) == n and all(r["state"] in ("succeeded", "failed", "cancelled") for r in rows)
+    return rows if done else []
+
+
+@contextmanager
+def example(name: str, tmp_path: Path, **env: str) -> Iterator[str]:
+    "Serve examples/<name>.py under uvicorn with its job store in tmp_path; yields the base URL."
+    env = {"FH_TASKS_DB": str(tmp_path / "jobs.db"), "PYTHONUNBUFFERED": "1", **env}
+    with uvicorn_server(f"{name}:app", cwd=tmp_path, env=env, extra=["--app-dir", str(EXAMPLES)]) as (url, _):
+        yield url
+
+
+# -- counter.py ------------------------------------------------------------------------------------
+
+def test_counter_job_counts_in_the_terminal_after_the_page(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # Given the simple example on a real server
+    with example("counter", tmp_path) as url:
+        # When its page is visited
+        r = httpx.get(url + "/")
+        assert r.status_code == 200 and "Simple Background Task Example" in r.text
+        # Then the page came before the counting: the job was stored with its argument and has not finished
+        [job] = job_rows(tmp_path / "jobs.db")
+        assert job["task"] == "counter:counter" and decode_args(job["args"]) == ([], {"loops": 5})
+        assert job["state"] in ("queued", "running")
+        # And it runs to the end (0+1+2+3+4 s of sleeps)
+        [job] = wait_for(lambda: all_final(tmp_path / "jobs.db", 1), timeout=30, what="the counter job finishing")
+    assert job["state"] == "succeeded" and job["attempts"] == 1
+    # And it printed 0..4 to the server's terminal, in order
+    printed = [line for line in capfd.readouterr().out.splitlines() if line.strip().isdigit()]
+    assert printed == ["0", "1", "2", "3", "4"]
+
+
+# -- slow_api.py + dashboard.py -------------------------------------------------------------------
+
+@contextmanager
+def dashboard(tmp_path: Path, delay: str = "1") -> Iterator[str]:
+    with example("slow_api", tmp_path, SLOW_API_DELAY=delay) as slow_url, \
+         example("dashboard", tmp_path, SLOW_API_URL=slow_url, DASHBOARD_DB=str(tmp_path / "dash.db")) as url:
+        yield url
+
+
+def submit(url: str) -> tuple[int, str]:
+    "Press the button (htmx POST /submit); returns the request time shown and the job id."
+    r = httpx.post(url + "/submit", headers=HX)
+    assert r.status_code == 200, r.text
+    shown = re.search(r"Request submitted at: (\d+)", r.text)
+    job = re.search(r'id="job-([0-9a-f]+)"', r.text)
+    assert shown and job, r.text
+    return int(shown.group(1)), job.group(1)
+
+
+def test_dashboard_page_is_the_seeds(tmp_path: Path) -> None:
+    # Given the dashboard with its slow service
+    with dashboard(tmp_path) as url:
+        # When the page is loaded
+        r = httpx.get(url + "/")
+    # Then it has the button posting to /submit, the result slot, and the list polled every 5 s
+    assert r.status_code == 200
+    assert "<title>Background Task Dashboard</title>" in r.text and "Press to call slow service" in r.text
+    assert 'hx-post="/submit"' in r.text and 'hx-target="#res"' in r.text and 'id="res"' in r.text
+    assert 'hx-get="/show_tstamps"' in r.text and 'hx-trigger="every 5s"' in r.text
+
+
+def test_dashboard_submit_returns_before_the_slow_call_and_the_row_appears(tmp_path: Path) -> None:
+    # Given the dashboard, with a slow service that takes 2 s to answer
+    with dashboard(tmp_path, delay="2") as url:
+        # When the button is pressed
+        request_time, job_id = submit(url)
+        # Then the answer came back while the job was still waiting for the slow service
+        [job] = job_rows(tmp_path / "jobs.db")
+        assert job["id"] == job_id and job["state"] in ("queued", "running")
+        assert job_id not in httpx.get(url + "/show_tstamps", headers=HX).text
+        # And the polled list shows the row the job stored from the slow service's answer
+        row = wait_for(lambda: re.search(rf"TStamp\(job='{job_id}', request_time=(\d+), response_time=(\d+)\)",
+                                         httpx.get(url + "/show_tstamps", headers=HX).text), what="the row appearing")
+        assert int(row.group(1)) == request_time and int(row.group(2)) >= request_time
+        # And the job's live status fragment ends at succeeded
+        status = httpx.get(f"{url}/_tasks/jobs/{job_id}/status", headers=HX).text
+        assert 'data-state="succeeded"' in status and "hx-trigger" not in status
+
+
+def test_dashboard_two_quick_submits_get_two_rows(tmp_path: Path) -> None:
+    # Given the dashboard with a fast slow service
+    with dashboard(tmp_path, delay="0.05") as url:
+        # When the button is pressed twice in a row (usually within the same second)
+        first, second = submit(url), submit(url)
+        # Then each press gets its own row: the rows are keyed by job, not by the second they were sent in
+        wait_for(lambda: len(all_final(tmp_path / "jobs.db", 2)) == 2, what="both jobs finishing")
+        listing = httpx.get(url + "/show_tstamps", headers=HX).text
+    assert listing.count("<li>") == 2
+    for request_time, job_id in (first, second):
+        assert f"TStamp(job='{job_id}', request_time={request_time}," in listing
+
+
+def test_dashboard_submit_shows_the_jobs_state_from_the_start(tmp_path: Path) -> None:
+    # Given the dashboard
+    with dashboard(tmp_path, delay="0.05") as url:
+        # When the button is pressed
+        r = httpx.post(url + "/submit", headers=HX)
+    # Then the fragment shows the job as queued and polls its status route
+    assert 'data-state="queued"' in r.text and 'hx-get="/_tasks/jobs/' in r.text
+
+
+# -- signup.py ------------------------------------------------------------------------------------
+
+def test_signup_runs_both_jobs_in_order(tmp_path: Path) -> None:
+    # Given the signup example
+    with example("signup", tmp_path) as url:
+        # When someone signs up
+        r = httpx.post(url + "/signup", data={"email": "ada@example.com", "username": "ada"})
+        assert r.status_code == 200 and "Signup successful!" in r.text
+        welcome, admin = wait_for(lambda: all_final(tmp_path / "jobs.db", 2), what="both jobs finishing")
+    # Then the welcome email went first and the admin notification started only after it succeeded
+    assert welcome["task"] == "signup:send_welcome_email" and admin["task"] == "signup:send_admin_notification"
+    assert welcome["state"] == admin["state"] == "succeeded"
+    assert admin["parent"] == welcome["id"] and admin["started_at"] >= welcome["finished_at"]
+    assert decode_value(welcome["result"]) == "ada@example.com" and decode_value(admin["result"]) == "ada"
+
+
+def test_signup_failing_welcome_email_cancels_the_notification(tmp_path: Path) -> None:
+    # Given the signup example
+    with example("signup", tmp_path) as url:
+        # When the address is not an email address
+        r = httpx.post(url + "/signup", data={"email": "not-an-address", "username": "bob"})
+        assert r.status_code == 200
+        welcome, admin = wait_for(lambda: all_final(tmp_path / "jobs.db", 2), what="both jobs finishing")
+    # Then the welcome email failed with its error, and the notification after it never started
+    error = decode_value(welcome["error"])
+    assert welcome["state"] == "failed" and error["type"] == "ValueError" and "not an email address" in error["message"]
+    assert admin["state"] == "cancelled" and admin["started_at"] is None and admin["attempts"] == 0
+
+
+def test_signup_independent_jobs_do_not_stop_each_other(tmp_path: Path) -> None:
+    # Given the signup example's second route, which returns two separate jobs
+    with example("signup", tmp_path) as url:
+        # When the welcome email cannot be sent
+        r = httpx.post(url + "/signup_independent", data={"email": "not-an-address", "username": "cy"})
+        assert r.status_code == 200 and "Signup successful!" in r.text
+        welcome, admin = wait_for(lambda: all_final(tmp_path / "jobs.db", 2), what="both jobs finishing")
+    # Then its failure does not stop the admin notification
+    assert welcome["task"] == "signup:send_welcome_email" and welcome["state"] == "failed"
+    assert admin["task"] == "signup:send_admin_notification" and admin["state"] == "succeeded"
+    assert admin["parent"] is None
+
+
+# -- demo.py (make demo) --------------------------------------------------------------------------
+
+def children(pid: int) -> dict[int, str]:
+    "The live child processes of `pid`, with their command lines."
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try: fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError: continue
+        if int(fields[1]) == pid:
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            out[int(stat.parent.name)] = cmd
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_serves_both_and_one_signal_stops_both(tmp_path: Path, sig: signal.Signals) -> None:
+    # Given `make demo`'s script on free ports, with its files in tmp_path
+    port, slow_port = free_port(), free_port()
+    env = {**os.environ, "DEMO_PORT": str(port), "SLOW_API_PORT": str(slow_port), "SLOW_API_DELAY": "0.05",
+           "FH_TASKS_DB": str(tmp_path / "jobs.db"), "DASHBOARD_DB": str(tmp_path / "dash.db")}
+    log = (tmp_path / "demo.log").open("wb")
+    demo = subprocess.Popen([sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        # When it has started
+        wait_port(port, timeout=60, proc=demo)
+        wait_port(slow_port, timeout=60, proc=demo)
+        # Then it prints the link, the dashboard answers and its jobs reach the slow service
+        wait_for(lambda: f"http://127.0.0.1:{port}" in (tmp_path / "demo.log").read_text(), what="the link")
+        url = f"http://127.0.0.1:{port}"
+        assert "Background Task Dashboard" in httpx.get(url + "/").text
+        _, job_id = submit(url)
+        wait_for(lambda: job_id in httpx.get(url + "/show_tstamps", headers=HX).text, what="the row appearing")
+        kids = children(demo.pid)
+        assert sorted(c.split("uvicorn ")[1].split()[0] for c in kids.values()) == ["dashboard:app", "slow_api:app"]
+        # And when it gets one signal
+        demo.send_signal(sig)
+        assert demo.wait(30) == 0
+    finally:
+        if demo.poll() is None: demo.kill(); demo.wait()
+        log.close()
+    # Then both servers are gone and the ports are free
+    assert [pid for pid in kids if Path(f"/proc/{pid}").exists()] == []
+    for p in (port, slow_port):
+        with pytest.raises(httpx.ConnectError): httpx.get(f"http://127.0.0.1:{p}/", timeout=1)
