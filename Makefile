@@ -38,4 +38,4 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check fh_tasks
 
 clean:
-	rm -rf $(VENV) .pytest_cache fh_tasks.db fh_tasks.db-*
+	rm -rf $(VENV) .pytest_cache fh_tasks.db fh_tasks.db-* dashboard.db dashboard.db-*

@@ -100,17 +100,35 @@ class Worker:
         self._threads = thread_pool(self.concurrency)
         self.hub._attach(self)
         side = [asyncio.ensure_future(self._heartbeats())] if not self.burst else []
+        bell = self._listen()
         self.log.debug("worker %s started on queues %s", self.id, ",".join(self.queues))
         try:
             self.store.expire()
             await self._serve()
         finally:
+            if bell is not None:
+                self._loop.remove_reader(bell.listening.fileno())
+                bell.close()
             await self._shutdown()  # leases stay renewed while running jobs get their grace period
             for t in side: t.cancel()
             self.hub._detach(self)
             self._threads.shutdown(wait=False, cancel_futures=True)
             if self._procs: self._procs.shutdown(wait=True, cancel_futures=True)
             self.log.debug("worker %s stopped after %d jobs", self.id, self.processed)
+
+    def _listen(self) -> Any:
+        "Watch the store's doorbell, so other processes' new jobs wake this worker without waiting for a poll."
+        listen = getattr(self.store, "listen", None)
+        bell = listen() if listen is not None and not self.burst else None
+        if bell is not None and self._loop is not None and self._wake is not None:
+            wake = self._wake
+
+            def rung() -> None:
+                bell.drain()
+                wake.set()
+
+            self._loop.add_reader(bell.listening.fileno(), rung)
+        return bell
 
     async def _serve(self) -> None:
         assert self._wake is not None

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ..errors import QueueBusy, QueueUnavailable, StoreError
 from ..job import JobRecord
 from . import Claim, NewJob, Outcome
+from .doorbell import Doorbell
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
@@ -63,6 +64,7 @@ class SQLiteStore:
         self._pending: list[tuple[Sequence[NewJob], threading.Event]] = []
         self._pending_lock = threading.Lock()
         self.on_commit: list[Callable[[], None]] = []
+        self._bell = None if self.memory else Doorbell(self.path)
 
     # -- connection ------------------------------------------------------------------------------
     def _check_path(self) -> None:
@@ -213,7 +215,19 @@ class SQLiteStore:
         self._committed()
 
     def _committed(self) -> None:
+        "New due jobs are stored: wake the workers of this process, and ring those of the others."
         for f in self.on_commit: f()
+        if self._bell is not None:
+            try: self._bell.ring()
+            except OSError: pass  # they will poll
+
+    def listen(self) -> Doorbell | None:
+        "A doorbell a worker can watch: other processes ring it when they store jobs (None for ':memory:')."
+        if self.memory: return None
+        bell = Doorbell(self.path)
+        try: bell.listen()
+        except OSError: return None
+        return bell
 
     def claim(self, worker: str, queues: Sequence[str], limit: int, lease: float) -> list[Claim]:
         return self.finish_and_claim((), worker, queues, limit, lease)[1]
