@@ -212,7 +212,7 @@ def _start_child(argv: list[str]) -> subprocess.Popen[bytes]:
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a graceful stop if we are killed
         if os.getppid() != parent: os._exit(1)
 
-    # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
+    # Detached from the terminal: its Ctrl-C reaches the supervisor only, which forwards it once.
     return subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_supervisor)
 
 
@@ -240,9 +240,11 @@ def _supervise(args: argparse.Namespace) -> int:
                     continue
                 log.warning("worker process %d ended with %s; starting another", p.pid, _exit_text(rc))
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))  # no busy loop when a job kills every worker
-                procs[i] = (_start_child(argv), time.monotonic())
+                if signals: del procs[i]  # told to stop meanwhile
+                else: procs[i] = (_start_child(argv), time.monotonic())
     finally:
         for s, h in old.items(): signal.signal(s, h)
+    log.info("supervisor %d: every worker process has stopped", os.getpid())
     return worst
 
 
@@ -345,7 +347,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def _ago(seconds: float) -> str:
-    for unit in "wdhm":
+    for unit in "dhm":
         if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0: return f"{seconds // _UNITS[unit]:g}{unit}"
     return f"{seconds:g}s"
 

@@ -3,7 +3,7 @@
 The process pool runs `process=True` tasks one job per child at a time. A child finds the task by importing
 the module named by the in-memory `Task` (never a name read from storage) and looking the task up in its
 process-global registry. A child that dies, or whose job is cancelled (timeout, shutdown), is killed and
-replaced, so one bad job never breaks the jobs running next to it; children die with their parent.
+replaced, so one bad job never breaks the jobs running next to it; children die with their worker.
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import os
 import pickle
 import queue
 import runpy
+import select
 import signal
 import sys
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -196,17 +198,15 @@ class ProcessPool:
         self._busy: set[_Child] = set()
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
-        self.started = 0
         _pools.add(self)
 
     def _spawn(self) -> _Child:
         parent, child = self._mp.Pipe()
         main_name, main_path = _main_info()
-        proc = self._mp.Process(target=_child_main, args=(child, list(sys.path), main_name, main_path),
+        proc = self._mp.Process(target=_child_main, args=(child, os.getpid(), list(sys.path), main_name, main_path),
                                 name="fh-tasks-pool", daemon=False)
         proc.start()
         child.close()  # so the parent sees EOF when the child dies
-        self.started += 1
         return _Child(proc, parent)
 
     async def _take(self) -> _Child:
@@ -258,10 +258,6 @@ class ProcessPool:
             c.proc.join(2.0 if wait else 0.1)
             c.kill()
 
-    def pids(self) -> list[int]:
-        "Process ids of the live children."
-        return [c.proc.pid for c in [*self._idle, *self._busy] if c.proc.is_alive()]
-
 
 _pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
@@ -288,25 +284,27 @@ def _unpack(reply: tuple[Any, ...]) -> Any:
 
 
 # -- inside a pool process -------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    "Make the kernel kill this child when its parent dies, even by SIGKILL (no orphans)."
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ppid = os.getppid()
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != ppid: os._exit(1)
-    else:
-        ppid = os.getppid()
+def _exit_with(owner: int) -> None:
+    "Exit as soon as the worker process that owns this child is gone, even by SIGKILL (no orphans)."
+    # The fork server is this child's parent, and it stays up while any child holds its "alive" pipe,
+    # so a parent-death signal would never fire: watch the owner itself.
+    def watch() -> None:
+        try: fd = os.pidfd_open(owner)  # type: ignore[attr-defined, unused-ignore]
+        except (AttributeError, OSError): fd = None
+        if fd is not None: select.select([fd], [], [])  # readable once the process has ended
+        else:
+            while True:
+                try: os.kill(owner, 0)
+                except ProcessLookupError: break
+                except PermissionError: pass
+                time.sleep(0.5)
+        os._exit(1)
 
-        def watch() -> None:
-            while os.getppid() == ppid: threading.Event().wait(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, name="fh-tasks-owner-watch", daemon=True).start()
 
 
-def _child_main(conn: Any, sys_path: list[str], main_name: str | None, main_path: str | None) -> None:
-    _die_with_parent()
+def _child_main(conn: Any, owner: int, sys_path: list[str], main_name: str | None, main_path: str | None) -> None:
+    _exit_with(owner)
     # The parent stops its children; a terminal's Ctrl-C must reach only the parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
