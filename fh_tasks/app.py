@@ -53,7 +53,7 @@ class Tasks:
         store: any `fh_tasks.store.Store`.
         workers: in-process workers started with the app (0: none; run `fh-tasks worker` beside it).
         concurrency: jobs one worker runs at once.
-        queues: queues the in-process workers serve.
+        queues: queues the workers serve (default: `default` and every registered task's queue).
         eager: run each job inline when it is stored (for tests).
         durability: "normal" (survives process crashes) or "full" (fsync every commit, group commit).
         lease: seconds a claimed job stays leased without a heartbeat before another worker may take it.
@@ -61,7 +61,7 @@ class Tasks:
     """
 
     def __init__(self, app: Any = None, *, db: str = DEFAULT_DB, store: Store | None = None, workers: int = 1,
-                 concurrency: int = 8, queues: Sequence[str] = ("default",), eager: bool = False,
+                 concurrency: int = 8, queues: Sequence[str] | None = None, eager: bool = False,
                  durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.01,
                  grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
                  clock: Callable[[], float] = time.time) -> None:
@@ -69,7 +69,8 @@ class Tasks:
         self.store: Any = store if store is not None else SQLiteStore(db, durability=durability, clock=clock)
         self.clock = clock
         self.registry: dict[str, Task[Any, Any]] = {}
-        self.workers, self.concurrency, self.queues = workers, concurrency, tuple(queues)
+        self.workers, self.concurrency = workers, concurrency
+        self._queues = tuple(queues) if queues else None
         self.eager, self.lease, self.poll_interval, self.grace = eager, lease, poll_interval, grace
         self.retention, self.max_payload = retention, max_payload
         self._attached: list[Worker] = []
@@ -118,6 +119,16 @@ class Tasks:
             return t
 
         return register(fn) if fn is not None else register
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        "The queues workers serve: the ones given to `Tasks(queues=...)`, else `default` and every task's queue."
+        if self._queues: return self._queues
+        return tuple(sorted({"default"} | {t.options.queue for t in self.registry.values()}))
+
+    def _every_queue(self) -> tuple[str, ...]:
+        "The served queues and every registered task's queue (eager mode and `testing.drain` run them all)."
+        return tuple(sorted({t.options.queue for t in self.registry.values()} | set(self.queues)))
 
     # -- deferring -------------------------------------------------------------------------------
     def _defer(self, new: NewJob) -> Job:
@@ -172,7 +183,7 @@ class Tasks:
     def _run_eager(self) -> None:
         "Eager mode: drain due jobs now, in a helper thread with its own loop, and wait for it."
         with self._eager_lock:
-            queues = tuple({t.options.queue for t in self.registry.values()} | set(self.queues))
+            queues = self._every_queue()
             w = Worker(self, concurrency=1, queues=queues,
                        lease=self.lease, burst=True, eager=True, poll_interval=0.001)
             th = threading.Thread(target=asyncio.run, args=(w.run(),), name="fh-tasks-eager")

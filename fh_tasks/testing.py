@@ -24,7 +24,7 @@ def drain(tasks: Tasks, *, timeout: float = 30.0, retries_now: bool = True, **wo
     With `retries_now` (the default) retry backoffs are skipped so retried jobs finish within the call.
     Safe to call from sync code and from inside a running event loop (it uses its own thread and loop).
     """
-    queues = tuple({t.options.queue for t in tasks.registry.values()} | set(tasks.queues))
+    queues = tasks._every_queue()
     w = tasks.worker(burst=True, eager=retries_now, queues=queues, poll_interval=0.001, **worker_kw)
     err: list[BaseException] = []
 

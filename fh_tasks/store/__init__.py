@@ -1,7 +1,7 @@
 """The engine boundary: what the hub and the worker need from a job store.
 
-`Tasks` and `Worker` speak only this protocol; `SQLiteStore` is the embedded implementation and the
-engines in `fh_tasks.engines` map the same calls onto Celery or Dramatiq.
+`Tasks` and `Worker` speak only this protocol; `SQLiteStore` is the embedded implementation. Another backend
+implements the same calls, with the same fencing and at-least-once contract.
 """
 from __future__ import annotations
 

@@ -238,3 +238,16 @@ def test_two_hubs_on_two_files(tmp_path):
     assert a.get(jb.id) is None and b.get(ja.id) is None
     a.store.close()
     b.store.close()
+
+
+def test_workers_serve_every_registered_tasks_queue_unless_told_otherwise(make_tasks):
+    # Given a hub with a task on its own queue, and a hub told to serve one queue only
+    tasks = make_tasks()
+
+    @tasks.task(queue="emails")
+    def send() -> None: ...
+
+    only = make_tasks(db=tasks.store.path + ".2", queues=["reports"])
+    # Then the first serves "default" and "emails", the second just "reports"
+    assert tasks.queues == ("default", "emails") and tasks.worker().queues == ("default", "emails")
+    assert only.queues == ("reports",)
