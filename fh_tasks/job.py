@@ -140,25 +140,23 @@ class Job(BackgroundTask):
                 raise RuntimeError("Job.wait() would block the event loop the worker runs on; "
                                    "use `await job.wait_async()`")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            rec = self.get()
-            if rec and rec.done: return rec
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s "
-                                   f"(state {rec and rec.state})")
-            time.sleep(interval)
+        while (rec := self._final(deadline, timeout)) is None: time.sleep(interval)
+        return rec
 
     async def wait_async(self, timeout: float | None = 30.0, interval: float = 0.01) -> JobRecord:
         "Await the job's final record; raises TimeoutError after `timeout` seconds."
         self._check_waitable()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            rec = self.get()
-            if rec and rec.done: return rec
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s "
-                                   f"(state {rec and rec.state})")
-            await asyncio.sleep(interval)
+        while (rec := self._final(deadline, timeout)) is None: await asyncio.sleep(interval)
+        return rec
+
+    def _final(self, deadline: float | None, timeout: float | None) -> JobRecord | None:
+        "The record once the job is final, None while it is not; TimeoutError past the deadline."
+        rec = self.get()
+        if rec and rec.done: return rec
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"job {self.id} ({self.task}) not finished after {timeout}s (state {rec and rec.state})")
+        return None
 
     def result(self, timeout: float | None = 30.0) -> Any:
         "Wait for the job and return its result; raises `JobFailed`/`JobCancelled` if it did not succeed."
