@@ -62,7 +62,7 @@ class Tasks:
 
     def __init__(self, app: Any = None, *, db: str = DEFAULT_DB, store: Store | None = None, workers: int = 1,
                  concurrency: int = 8, queues: Sequence[str] | None = None, eager: bool = False,
-                 durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.01,
+                 durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.1,
                  grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
                  clock: Callable[[], float] = time.time) -> None:
         if workers < 0: raise ValueError(f"workers must be >= 0, not {workers}")

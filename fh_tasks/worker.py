@@ -55,7 +55,7 @@ class Worker:
     """
 
     def __init__(self, hub: Tasks, *, concurrency: int = 8, queues: tuple[str, ...] = ("default",),
-                 lease: float = 30.0, poll_interval: float = 0.01, grace: float = 10.0, burst: bool = False,
+                 lease: float = 30.0, poll_interval: float = 0.1, grace: float = 10.0, burst: bool = False,
                  eager: bool = False, name: str | None = None) -> None:
         if concurrency < 1: raise ValueError(f"concurrency must be >= 1, not {concurrency}")
         self.hub, self.store = hub, hub.store
