@@ -220,6 +220,17 @@ class ProcessPool:
             fut.add_done_callback(self._adopt)
             raise
 
+    async def warm(self) -> None:
+        "Start the children now, so the first jobs do not wait for the pool's start-up."
+        loop = asyncio.get_running_loop()
+        while not self._closed and len(self._idle) + len(self._busy) < self.size:
+            fut = loop.run_in_executor(None, self._spawn)
+            try: await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                fut.add_done_callback(self._adopt)  # adopted when ready, stopped if the pool closed meanwhile
+                raise
+            self._adopt(fut)
+
     def _adopt(self, fut: asyncio.Future[_Child]) -> None:
         if fut.cancelled() or fut.exception() is not None: return
         c = fut.result()

@@ -6,6 +6,7 @@ One asyncio loop drives everything. Async tasks run on it; sync tasks in the wor
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -69,6 +70,8 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._threads: Executor | None = None
+        self._ended: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = collections.deque()
+        self._ended_signalled = False
         self._procs: ProcessPool | None = None
         self._hurry = False
         self.processed = 0
@@ -100,6 +103,9 @@ class Worker:
         self._threads = thread_pool(self.concurrency)
         self.hub._attach(self)
         side = [asyncio.ensure_future(self._heartbeats())] if not self.burst else []
+        if any(t.options.process and t.options.queue in self.queues for t in self.hub.registry.values()):
+            self._procs = process_pool()
+            side.append(asyncio.ensure_future(self._procs.warm()))  # so the first process job need not wait
         bell = self._listen()
         self.log.debug("worker %s started on queues %s", self.id, ",".join(self.queues))
         try:
@@ -228,11 +234,37 @@ class Worker:
             self._procs = self._procs or process_pool()
             fut = asyncio.ensure_future(self._procs.run(task, ctx, args, kwargs))
         else:
-            fut = loop.run_in_executor(self._threads, call_in_thread, ctx, task.fn, args, kwargs)
+            fut = self._run_in_thread(ctx, task.fn, args, kwargs)
         run.future = fut
         timeout = claim.timeout if claim.timeout is not None else task.options.timeout
         if timeout: run.timer = loop.call_later(timeout, self._timed_out, run, task, timeout)
         fut.add_done_callback(lambda f: self._done(run, task, f))
+
+    def _run_in_thread(self, ctx: JobContext, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> asyncio.Future[Any]:
+        """Run a sync task in the worker's thread pool. Finished jobs are handed back to the loop in batches:
+        one wake-up of the loop for however many jobs ended meanwhile, not one per job."""
+        assert self._loop is not None and self._threads is not None
+        fut, loop = self._loop.create_future(), self._loop
+
+        def job() -> None:
+            try: outcome: tuple[Any, BaseException | None] = (call_in_thread(ctx, fn, args, kwargs), None)
+            except BaseException as e: outcome = (None, e)  # SystemExit in a task fails the job, not the thread
+            self._ended.append((fut, *outcome))
+            if not self._ended_signalled:
+                self._ended_signalled = True
+                try: loop.call_soon_threadsafe(self._hand_back)
+                except RuntimeError: pass  # the loop is closed: the job was given back already
+
+        self._threads.submit(job)
+        return fut
+
+    def _hand_back(self) -> None:
+        self._ended_signalled = False  # before draining: a job ending meanwhile signals again
+        while self._ended:
+            fut, value, exc = self._ended.popleft()
+            if fut.done(): continue  # cancelled at shutdown: the job was given back
+            if exc is None: fut.set_result(value)
+            else: fut.set_exception(exc)
 
     def _timed_out(self, run: _Run, task: Task[Any, Any], timeout: float) -> None:
         if run.settled: return

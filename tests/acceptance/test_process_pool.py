@@ -3,6 +3,7 @@ uvicorn imports, results/errors/timeouts recorded, progress from the child, and 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,3 +115,30 @@ def test_sigkilled_worker_takes_its_pool_processes_with_it(tmp_path: Path):
     # Then its pool process dies too instead of running on as an orphan
     for pid in (child["pid"], child["ppid"]):
         wait_for(lambda pid=pid: not alive(pid), timeout=5, what=f"pool process {pid} gone")
+
+
+def test_the_pool_is_warm_before_the_first_process_job(tmp_path):
+    # Given a hub with a process task and a worker started on it
+    import asyncio
+
+    from fh_tasks import Tasks
+
+    tasks = Tasks(db=str(tmp_path / "jobs.db"), workers=0)
+
+    @tasks.task(process=True)
+    def square(x: int) -> int:
+        return x * x
+
+    async def started_children() -> int:
+        w = tasks.worker()
+        run = asyncio.ensure_future(w.run())
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if w._procs is not None and len(w._procs._idle) == w._procs.size: break
+        n = len(w._procs._idle) if w._procs else 0
+        w.stop()
+        await run
+        return n
+
+    # Then every child of the pool (one per core) is started before any job arrives
+    assert asyncio.run(started_children()) == (os.cpu_count() or 1)
