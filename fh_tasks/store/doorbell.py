@@ -36,6 +36,7 @@ class Doorbell:
         self.folder = _folder(db)
         self._peers: list[str] = []
         self._listed = 0.0
+        self._listed_pid = 0
         self._out: socket.socket | None = None
         self._pid = 0
         self.listening: socket.socket | None = None
@@ -74,7 +75,7 @@ class Doorbell:
     def ring(self) -> int:
         "Wake the workers of every other process on this database; returns how many bells rang."
         now = time.monotonic()
-        if now - self._listed > REFRESH or self._pid != os.getpid(): self._list(now)
+        if now - self._listed > REFRESH or self._listed_pid != os.getpid(): self._list(now)
         if not self._peers: return 0
         if self._out is None or self._pid != os.getpid():
             self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -96,7 +97,7 @@ class Doorbell:
         return rang
 
     def _list(self, now: float) -> None:
-        self._listed, own = now, self._prefix()
+        self._listed, self._listed_pid, own = now, os.getpid(), self._prefix()
         try: names = os.listdir(self.folder)
         except OSError: names = []
         self._peers = [str(self.folder / n) for n in names if not n.startswith(own)]

@@ -51,3 +51,14 @@ def test_the_folder_is_private_and_long_paths_fall_back(tmp_path: Path) -> None:
     assert stat.S_IMODE(bell.folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(os.stat(bell._path).st_mode) == 0o600
     bell.close()
+
+
+def test_the_folder_is_read_once_a_second_not_per_ring(tmp_path: Path, monkeypatch) -> None:
+    # Given a ringer with no listening peers
+    bell = Doorbell(str(tmp_path / "jobs.db"))
+    reads: list[str] = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: reads.append(str(p)) or real(p))
+    # When it rings many times in a row, Then it read the folder once
+    for _ in range(50): bell.ring()
+    assert len(reads) == 1
