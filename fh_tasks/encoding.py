@@ -68,6 +68,7 @@ def decode_args(text: str) -> tuple[list[Any], dict[str, Any]]:
 
 def encode_value(value: Any, what: str = "result") -> str:
     "Encode a result or progress value as JSON text, or raise `ArgumentError`."
+    if value is None: return "null"  # most tasks return nothing
     check_json(value, what)
     return _dumps(value)
 

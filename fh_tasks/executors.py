@@ -194,6 +194,7 @@ class ProcessPool:
         if self.method not in ("forkserver", "spawn"):
             raise ValueError(f"process pool start method must be 'forkserver' or 'spawn', not {self.method!r}")
         self._mp = multiprocessing.get_context(self.method)
+        if self.method == "forkserver": self._mp.set_forkserver_preload(["fh_tasks"])  # children fork with it loaded
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()
         self._slots: asyncio.Semaphore | None = None

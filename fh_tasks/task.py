@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import uuid
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -17,13 +17,22 @@ from .store import NewJob
 if TYPE_CHECKING:
     from .app import Tasks
 
-__all__ = ["Task", "TaskOptions", "registered", "task_name"]
+__all__ = ["Task", "TaskOptions", "registered", "task_name", "new_id"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 # Every task registered in this process, by name: how a process-pool child finds the function.
 _registry: dict[str, Task[Any, Any]] = {}
+
+
+def new_id() -> str:
+    """A job id: 32 hex digits, a millisecond timestamp then 80 random bits (like UUIDv7).
+
+    Time-ordered ids keep inserts at the end of the id index, however many finished jobs it holds; the random
+    part keeps ids unguessable, so a status URL holding one is a capability.
+    """
+    return ((time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")).to_bytes(16, "big").hex()
 
 
 def registered(name: str) -> Task[Any, Any] | None:
@@ -109,7 +118,7 @@ class Task(Generic[P, R]):
         except TypeError as e: raise TypeError(f"{self.name}: {e}") from None
         text = encode_args(self.name, args, kwargs, self.hub.max_payload, self._names)
         now = self.hub.clock()
-        return NewJob(id=uuid.uuid4().hex, task=self.name, args=text, queue=opts.queue,
+        return NewJob(id=new_id(), task=self.name, args=text, queue=opts.queue,
                       max_attempts=opts.retries + 1, timeout=opts.timeout, run_at=now + opts.delay,
                       created_at=now, parent=parent)
 

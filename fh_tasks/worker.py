@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["Worker"]
 
 log = logging.getLogger("fh_tasks.worker")
+#: Seconds between the worker's WAL checkpoints.
+CHECKPOINT_EVERY = 0.5
 #: Most jobs claimed in one statement.
 CLAIM_BATCH = 64
 
@@ -102,7 +104,8 @@ class Worker:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         self._threads = thread_pool(self.concurrency)
         self.hub._attach(self)
-        side = [asyncio.ensure_future(self._heartbeats())] if not self.burst else []
+        upkeep = () if self.burst else (self._heartbeats(), self._checkpoints())
+        side = [asyncio.ensure_future(c) for c in upkeep]
         if any(t.options.process and t.options.queue in self.queues for t in self.hub.registry.values()):
             self._procs = process_pool()
             side.append(asyncio.ensure_future(self._procs.warm()))  # so the first process job need not wait
@@ -212,6 +215,16 @@ class Worker:
                     self.hub._maybe_prune()
             except Exception:
                 self.log.exception("lease upkeep failed; will retry")
+
+    async def _checkpoints(self) -> None:
+        "Checkpoint the WAL from a thread, off the commit path, so it stays small and commits stay cheap."
+        checkpoint = getattr(self.store, "checkpoint", None)
+        if checkpoint is None: return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            try: await loop.run_in_executor(None, checkpoint)
+            except Exception: self.log.warning("WAL checkpoint failed; commits will checkpoint instead", exc_info=True)
 
     # -- running one job ------------------------------------------------------------------------
     def _start(self, claim: Claim) -> None:

@@ -25,6 +25,8 @@ __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 SCHEMA_VERSION = 1
 #: Attempts a job gets in all when its workers keep dying under it (or its retries + 1, if more).
 CRASH_ATTEMPTS = 3
+#: WAL size (in pages) at which a commit checkpoints by itself, when no worker has done it first.
+AUTOCHECKPOINT_PAGES = 8000
 #: Seconds a write waits for another process's lock before `QueueBusy` is raised.
 BUSY_TIMEOUT = 5.0
 # Connections inherited across fork() must never be used or closed in the child (sqlite howtocorrupt §2.6).
@@ -62,6 +64,8 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._pending: list[tuple[Sequence[NewJob], threading.Event]] = []
+        self._ckpt: tuple[sqlite3.Connection, int] | None = None
+        self._ckpt_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self.on_commit: list[Callable[[], None]] = []
         self._bell = None if self.memory else Doorbell(self.path)
@@ -94,6 +98,8 @@ class SQLiteStore:
                     raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
             c.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
             c.execute("PRAGMA journal_size_limit=67108864")
+            # Workers checkpoint from a thread of their own (`checkpoint`); commits only do it past ~32 MB of WAL.
+            c.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
             c.execute("PRAGMA temp_store=MEMORY")
             self._migrate(c)
         except sqlite3.Error as e:
@@ -155,10 +161,26 @@ class SQLiteStore:
         "Changes whenever another connection commits: a cheap way to notice new jobs."
         return int(self._read("PRAGMA data_version")[0][0])
 
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy committed WAL frames into the database without blocking writers (PASSIVE), on a connection of
+        its own, so that commits on the main connection do not pay for it. Returns (busy, frames, copied)."""
+        if self.memory: return (0, 0, 0)
+        with self._ckpt_lock:
+            if self._ckpt is None or self._ckpt[1] != os.getpid():
+                self._connect()  # the file exists, in WAL mode, with its schema
+                self._ckpt = (sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                              check_same_thread=False), os.getpid())
+            try: row = self._ckpt[0].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as e: raise self._wrap(e, "checkpoint") from e
+        return int(row[0]), int(row[1]), int(row[2])
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid(): self._conn.close()
             self._conn = None
+        with self._ckpt_lock:
+            if self._ckpt is not None and self._ckpt[1] == os.getpid(): self._ckpt[0].close()
+            self._ckpt = None
 
     # -- writes ----------------------------------------------------------------------------------
     def enqueue(self, jobs: Sequence[NewJob]) -> None:

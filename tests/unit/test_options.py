@@ -124,3 +124,19 @@ def test_hub_rejects_negative_workers(db):
     from fh_tasks import Tasks
     with pytest.raises(ValueError, match="workers"):
         Tasks(db=db, workers=-1)
+
+
+def test_job_ids_are_time_ordered_unique_hex():
+    # Given ids made across a few milliseconds
+    import time
+
+    from fh_tasks.task import new_id
+
+    ids = []
+    for _ in range(3):
+        ids += [new_id() for _ in range(1000)]
+        time.sleep(0.002)
+    # Then they are 32 hex digits, all different, and later milliseconds sort after earlier ones
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert ids[0][:12] < ids[1000][:12] < ids[2000][:12]

@@ -410,3 +410,13 @@ def test_hub_with_an_injected_clock_keeps_scheduled_jobs_until_due(make_tasks, c
     clock.advance(1)
     assert drain(tasks) == 1 and ran == [1]
     assert (job.get().state, job.get().started_at, job.get().finished_at) == ("succeeded", T0 + 60, T0 + 60)
+
+
+def test_checkpoint_copies_the_wal_without_the_writer(store, clock):
+    # Given a few hundred commits sitting in the WAL (commits only checkpoint past ~32 MB)
+    for _ in range(300): store.enqueue([new(clock)])
+    # When a checkpoint runs on its own connection
+    busy, frames, copied = store.checkpoint()
+    # Then every committed frame was copied into the database, and the jobs are all there
+    assert busy == 0 and frames > 0 and copied == frames
+    assert store.counts() == {"queued": 300}
