@@ -1,0 +1,48 @@
+"""Celery with the Redis broker (no result backend), prefork pool: 1 child for one process, 2 for two."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery, group
+
+from ..common import PY, flush_redis
+from ..probe import record
+from . import Peer
+
+DB = 10
+BROKER = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/{DB}"
+
+app = Celery("bench", broker=BROKER)
+app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False, task_default_queue="bench")
+
+
+@app.task(name="noop")
+def noop(arg: dict[str, Any]) -> None:
+    record(arg)
+
+
+class CeleryPeer(Peer):
+    key = label = "celery"
+    concurrency = "`celery worker -P prefork -c 1` (one pool child; 2 processes: `-c 2`), default prefetch ×4"
+    batch_api = "`group(noop.s(...) ...).apply_async()` (one producer, one message per job)"
+
+    def reset(self) -> None:
+        self.rep += 1
+        flush_redis(BROKER)
+
+    def put(self, arg: dict[str, Any]) -> None:
+        noop.delay(arg)
+
+    def put_batches(self, n: int, size: int) -> bool:
+        from . import job_arg
+        for start in range(0, n, size):
+            group(noop.s(job_arg()) for _ in range(min(size, n - start))).apply_async()
+        return True
+
+    def worker_commands(self, procs: int) -> list[list[str]]:
+        return [[PY, "-m", "celery", "-A", "bench.peers.celery_peer:app", "worker", "-P", "prefork", "-c", str(procs),
+                 "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
+
+
+PEERS = {"celery": CeleryPeer}
