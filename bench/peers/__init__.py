@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ class Env:
     redis: str
 
 
-class Peer:
+class Peer(ABC):
     "A task system under test. Subclasses fill in the calls below."
 
     key = ""
@@ -47,13 +48,13 @@ class Peer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rep = 0
 
+    @abstractmethod
     def reset(self) -> None:
         "An empty queue for the next repetition (and a fresh producer connection)."
-        raise NotImplementedError
 
+    @abstractmethod
     def put(self, arg: dict[str, Any]) -> None:
         "Enqueue one job."
-        raise NotImplementedError
 
     def put_many(self, n: int) -> None:
         "Enqueue `n` jobs one call at a time."
@@ -63,9 +64,9 @@ class Peer:
         "Enqueue `n` jobs in batches of `size` with the bulk API; False when there is none."
         return False
 
+    @abstractmethod
     def worker_commands(self, procs: int) -> list[list[str]]:
         "The commands that start `procs` worker processes."
-        raise NotImplementedError
 
     def worker_env(self) -> dict[str, str]:
         return {}
@@ -80,7 +81,7 @@ class Peer:
         from ..common import stop_all
         stop_all(procs)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a peer without producer connections has nothing to release)
         "Release producer connections."
 
 
