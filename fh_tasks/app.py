@@ -259,9 +259,6 @@ class Tasks:
     def _wake(self) -> None:
         for w in list(self._attached): w.wake()
 
-    def _finished(self) -> None:
-        "Called after a worker records outcomes (a hook point for live views)."
-
     def _worker_loop_is_current(self) -> bool:
         try: loop = asyncio.get_running_loop()
         except RuntimeError: return False

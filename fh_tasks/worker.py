@@ -169,22 +169,18 @@ class Worker:
             self.log.exception("could not record outcomes or claim jobs; retrying")
             self._outcomes = batch + self._outcomes
             return asked, 0
-        self._recorded(batch, accepted)
+        self.recorded(batch, accepted)
         for c in claims: self._start(c)
         self._backlog = len(claims) >= asked
         return asked, len(claims)
 
     def recorded(self, batch: list[tuple[_Run, Outcome]], accepted: int) -> None:
-        "Outcomes were committed (by this worker or by a commit that took them)."
-        self._recorded(batch, accepted)
-
-    def _recorded(self, batch: list[tuple[_Run, Outcome]], accepted: int) -> None:
+        "Outcomes were committed (by this worker, or by a request's commit that took them)."
         if not batch: return
         self.processed += len(batch)
         if accepted < len(batch):
             self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back",
                              len(batch) - accepted)
-        self.hub._finished()
 
     def _idle_timeout(self) -> float:
         "Sleep until the next poll, or until a scheduled job or a retry falls due if that is sooner."
@@ -371,7 +367,7 @@ class Worker:
             self.log.exception("could not record %d outcome(s); their leases will expire and they will run again",
                                len(batch))
             return
-        self._recorded(batch, accepted)
+        self.recorded(batch, accepted)
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
