@@ -35,7 +35,8 @@ bench-quick:
 	$(MAKE) bench QUICK=1
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check fh_tasks
+	$(VENV)/bin/ruff check fh_tasks tests examples bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache fh_tasks.db fh_tasks.db-* dashboard.db dashboard.db-*

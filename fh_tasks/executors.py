@@ -193,7 +193,7 @@ class ProcessPool:
         self.method = method or _default_method()
         if self.method not in ("forkserver", "spawn"):
             raise ValueError(f"process pool start method must be 'forkserver' or 'spawn', not {self.method!r}")
-        self._mp = multiprocessing.get_context(self.method)
+        self._mp: Any = multiprocessing.get_context(self.method)  # forkserver or spawn: both have Process
         if self.method == "forkserver": self._mp.set_forkserver_preload(["fh_tasks"])  # children fork with it loaded
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()

@@ -105,7 +105,8 @@ class Job(BackgroundTask):
         self.id, self.task = new.id, new.task
         self.stored = False
         # BackgroundTask's attributes, so code that inspects them sees a no-argument coroutine.
-        self.func, self.args, self.kwargs, self.is_async = self._ensure_stored, (), {}, True
+        self.func, self.args, self.kwargs = self._ensure_stored, (), {}  # type: ignore[assignment]
+        self.is_async = True
 
     def __repr__(self) -> str:
         return f"Job({self.task!r}, id={self.id!r})"
