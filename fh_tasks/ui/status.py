@@ -52,7 +52,9 @@ def status_routes(hub: Tasks) -> list[Any]:
     async def status(req: Request) -> Response:
         jid = req.path_params["id"]
         rec = hub.get(jid)
-        if rec is None: return HTMLResponse(to_xml(Div("unknown job", id=f"job-{jid}", cls="fh-job")), status_code=404)
+        # 200, not 404: htmx swaps only successful responses, and this final fragment stops the polling.
+        if rec is None:
+            return HTMLResponse(to_xml(Div("unknown job", id=f"job-{jid}", cls="fh-job", data_state="unknown")))
         return HTMLResponse(to_xml(JobStatus(rec, hub)))
 
     return [Route(f"{PREFIX}/jobs/{{id:str}}/status", status, methods=["GET"])]

@@ -462,3 +462,28 @@ def test_waiting_inside_the_deferring_handler_is_a_clear_error(site):
     # Then the wait fails at once with the reason, and the job is still stored with the response
     assert r.status_code == 200 and "stored when the response starts" in r.text
     assert len(tasks.jobs()) == 1
+
+
+def test_the_status_fragment_polls_until_final_and_stops_for_an_unknown_job(site):
+    # Given a job that is waiting on an event, and an id no job has
+    app, rt, tasks = site()
+    gate = threading.Event()
+
+    @tasks.task
+    def slow() -> str:
+        gate.wait(10)
+        return "<b>done</b>"
+
+    with TestClient(app) as cli:
+        job = slow.defer()
+        # When its status fragment is fetched while it runs, Then it keeps polling
+        live = cli.get(f"/_tasks/jobs/{job.id}/status").text
+        assert 'hx-trigger="every 1s"' in live
+        gate.set()
+        wait_until(lambda: tasks.get(job.id).done)
+        # Then once final it stops polling
+        final = cli.get(f"/_tasks/jobs/{job.id}/status").text
+        assert 'data-state="succeeded"' in final and "hx-trigger" not in final
+        # And an unknown id gets a final fragment (200, so htmx swaps it and stops polling)
+        r = cli.get("/_tasks/jobs/nope/status")
+        assert r.status_code == 200 and "unknown job" in r.text and "hx-trigger" not in r.text
