@@ -487,3 +487,20 @@ def test_the_status_fragment_polls_until_final_and_stops_for_an_unknown_job(site
         # And an unknown id gets a final fragment (200, so htmx swaps it and stops polling)
         r = cli.get("/_tasks/jobs/nope/status")
         assert r.status_code == 200 and "unknown job" in r.text and "hx-trigger" not in r.text
+
+
+def test_the_status_fragment_escapes_what_a_task_wrote(site):
+    # Given a job that failed with hostile text in its error
+    app, rt, tasks = site()
+
+    @tasks.task
+    def hostile() -> None:
+        raise ValueError('<script>alert(1)</script>"><img src=x onerror=alert(2)>')
+
+    with TestClient(app) as cli:
+        job = hostile.defer()
+        wait_until(lambda: tasks.get(job.id).done)
+        # When its status fragment is rendered, Then the text is escaped, never markup
+        html = cli.get(f"/_tasks/jobs/{job.id}/status").text
+    assert "<script>" not in html and "<img" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
