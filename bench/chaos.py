@@ -118,9 +118,11 @@ def _setup(workdir: Path, module: str, text: str) -> tuple[str, dict[str, str]]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / f"{module}.py").write_text(text)
     db = str(workdir / f"{module}.db")
-    with sqlite3.connect(db) as c:
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute(WITNESS)
+    from fh_tasks.store.sqlite import SQLiteStore
+    store = SQLiteStore(db)
+    store.counts()  # the store's tables first: a store adopts no other database
+    store.close()
+    with sqlite3.connect(db) as c: c.execute(WITNESS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(workdir)]), "CHAOS_DB": db}
     return db, env
 

@@ -121,6 +121,27 @@ def cpu_table(c: dict[str, Any]) -> list[str]:
                    f"| process pool (`process=True`) | {fmt(c['process_s'], 2)} | **{fmt(c['speedup'], 2, '×')}** |"]
 
 
+def events_table(e: dict[str, Any]) -> list[str]:
+    w, c = e["worker"], e["drain"]
+    rows = [f"An `fh-tasks worker` process runs jobs of {e['nap_ms']:g} ms that a producer process defers at "
+            f"{e['rate']:.0f}/s for {e['seconds']:g} s (concurrency {e['concurrency']}); a subscriber "
+            "(`tasks.subscribe`) in a third process notes each event's arrival. Latency = arrival − `event.at` "
+            "(the store's time of the change).", "",
+            "| Events | changed by | p50 ms | p99 ms | max ms | events |", "|---|---|--:|--:|--:|--:|",
+            f"| **started + succeeded** | worker process | {fmt(w['p50_ms'], 2)} | **{fmt(w['p99_ms'], 2)}** | "
+            f"{fmt(w['max_ms'], 1)} | {sum(w['events']):,} |"]
+    for kind, x in e["kinds"].items():
+        who = "producer process" if kind == "stored" else "worker process"
+        rows.append(f"| {kind} | {who} | {fmt(x['p50_ms'], 2)} | {fmt(x['p99_ms'], 2)} | {fmt(x['max_ms'], 1)} | "
+                    f"{sum(x['events']):,} |")
+    return rows + ["", f"Target: p99 ≤ {e['target_p99_ms']:.0f} ms for the worker's events.", "",
+                   f"Cost on the job path: one worker process draining {c['jobs']:,} queued no-op jobs.", "",
+                   "| Subscribers | jobs/s | events delivered |", "|---|--:|--:|",
+                   f"| none (triggers write nothing) | {fmt(c['without'])} | – |",
+                   f"| one, in another process | {fmt(c['with'])} | {', '.join(f'{n:,}' for n in c['delivered'])} |",
+                   "", f"With ÷ without, paired per repetition: **{fmt(c['with_over_without'], 3)}**."]
+
+
 # -- goals -----------------------------------------------------------------------------------------
 Goal = dict[str, Any]
 
@@ -181,9 +202,16 @@ def _cpu_goals(c: dict[str, Any]) -> list[Goal]:
     return out
 
 
+def _events_goals(e: dict[str, Any]) -> list[Goal]:
+    v, target = _med(e["worker"]["p99_ms"]), e["target_p99_ms"]
+    if v is None: return []
+    return [_goal("event latency p99, worker process → subscriber in another process", f"≤ {target:.0f} ms", v,
+                  f"{v:.2f} ms", v <= target)]
+
+
 _GOALS: dict[str, Callable[[dict[str, Any]], list[Goal]]] = {
     "request": _request_goals, "drain": _drain_goals, "pickup": _pickup_goals, "memory": _memory_goals,
-    "enqueue": _enqueue_goals, "cpu": _cpu_goals}
+    "enqueue": _enqueue_goals, "cpu": _cpu_goals, "events": _events_goals}
 
 
 def goals(res: dict[str, Any]) -> list[Goal]:
@@ -205,7 +233,9 @@ def tables(res: dict[str, Any]) -> list[str]:
                 ("drain", f"3. Drain throughput ({s['drain_jobs']:,} queued no-op jobs)", drain_table),
                 ("pickup", f"4. Pickup latency (start − enqueue, ~{s['pickup_rate']:.0f} jobs/s)", pickup_table),
                 ("memory", "5. Worker memory against queue depth (fh-tasks)", memory_table),
-                ("cpu", "6. CPU-bound jobs: process pool vs thread pool (fh-tasks)", cpu_table)]
+                ("cpu", "6. CPU-bound jobs: process pool vs thread pool (fh-tasks)", cpu_table),
+                ("events", "7. Job events: latency to a subscriber in another process, cost on the job path "
+                 "(fh-tasks)", events_table)]
     out: list[str] = []
     for key, title, fn in sections:
         if res.get(key): out += [f"### {title}", "", *fn(res[key]), ""]
@@ -228,7 +258,9 @@ def markdown(res: dict[str, Any]) -> str:
              f"- CPU: {mc['cpu']}, {mc['cores']} cores, {mc['memory_gb']} GB RAM; load average at start "
              f"{mc['load_avg_at_start']}",
              f"- {mc['os']}; Python {mc['python']}; SQLite {mc['sqlite']} (default `synchronous` = "
-             f"{m['sqlite_default_synchronous']}); Redis {m['redis_version']} at {m['redis']}; {mc['wrk']}",
+             f"{m['sqlite_default_synchronous']}); "
+             + (f"Redis {m['redis_version']} at {m['redis']}" if m['redis'] else "no Redis (not needed)")
+             + f"; {mc['wrk']}",
              "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
              "## Results", "", *tables(res), "## Notes", "", *[f"- {n}" for n in res["notes"]], ""]
     return "\n".join(lines)

@@ -22,7 +22,9 @@ from typing import Any
 from . import report
 from .common import ROOT, Settings, ensure_redis, log, machine, redis_version, source_revision, versions
 
-SECTIONS = ("request", "enqueue", "drain", "pickup", "memory", "cpu")
+SECTIONS = ("request", "enqueue", "drain", "pickup", "memory", "cpu", "events")
+#: Sections that measure peers on Redis; a run of the others needs no Redis server (nor the redis package).
+REDIS_SECTIONS = frozenset({"request", "enqueue", "drain", "pickup"})
 PEERS = ("fh-tasks", "fh-tasks-async", "fh-tasks-full", "huey-sqlite", "huey-redis", "celery", "dramatiq", "rq",
          "rq-simple", "arq")
 NOTES = [
@@ -130,8 +132,13 @@ def run_cpu(s: Settings, workdir: Path, peers: list[str]) -> dict[str, Any]:
     return cpu.measure(s, workdir)
 
 
+def run_events(s: Settings, workdir: Path, peers: list[str]) -> dict[str, Any]:
+    from . import events
+    return events.measure(s, workdir)
+
+
 RUNNERS = {"request": run_request, "enqueue": run_enqueue, "drain": run_drain, "pickup": run_pickup,
-           "memory": run_memory, "cpu": run_cpu}
+           "memory": run_memory, "cpu": run_cpu, "events": run_events}
 
 
 def _sqlite_default_synchronous(workdir: Path) -> str:
@@ -159,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings.fast() if a.quick else Settings.full()
     workdir = Path(tempfile.mkdtemp(prefix="fh-bench-"))
     t0 = time.monotonic()
-    redis, redis_proc = ensure_redis(workdir)
+    redis, redis_proc = ensure_redis(workdir) if REDIS_SECTIONS.intersection(only) else ("", None)
     os.environ["BENCH_REDIS"] = redis
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "source": source_revision(), "machine": machine(),
-            "versions": versions(), "redis": redis,
-            "redis_version": redis_version(redis), "sqlite_default_synchronous": _sqlite_default_synchronous(workdir),
+            "versions": versions(), "redis": redis, "redis_version": redis_version(redis) if redis else None,
+            "sqlite_default_synchronous": _sqlite_default_synchronous(workdir),
             "sections": only, "peers": peers, "private_redis": redis_proc is not None}
     res: dict[str, Any] = {"meta": meta, "settings": asdict(s), "errors": {}, "notes": list(NOTES)}
-    log(f"fh-tasks benchmark ({'quick' if s.quick else 'full'}), work dir {workdir}, Redis {redis}")
+    log(f"fh-tasks benchmark ({'quick' if s.quick else 'full'}), work dir {workdir}, Redis {redis or 'not needed'}")
     try:
         for name in only:
             log(f"-- {name}")

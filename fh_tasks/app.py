@@ -5,19 +5,21 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextvars import ContextVar
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import _current
-from .encoding import MAX_PAYLOAD
+from .encoding import MAX_PAYLOAD, MAX_RESULT
+from .errors import QueueBusy, QueueUnavailable
+from .events import EventBus, JobEvent
 from .job import Job, JobRecord, JobState
 from .store import NewJob, Store
 from .store.sqlite import SQLiteStore
 from .task import Task, TaskOptions, _registry, task_name
-from .ui.status import status_routes
+from .ui.status import PREFIX, mount_routes
 from .worker import Worker
 
 __all__ = ["Tasks"]
@@ -58,21 +60,27 @@ class Tasks:
         durability: "normal" (survives process crashes) or "full" (fsync every commit, group commit).
         lease: seconds a claimed job stays leased without a heartbeat before another worker may take it.
         retention: seconds finished jobs are kept (None: forever).
+        max_payload: limit on a job's encoded arguments, in bytes (`defer()` raises `PayloadTooLarge` above it).
+        max_result: limit on a job's encoded result, in bytes (a larger result fails the job with `ResultError`).
+        prefix: where the app serves the hub's routes (`{prefix}/jobs/{id}/status`); None adds no routes.
     """
 
     def __init__(self, app: Any = None, *, db: str = DEFAULT_DB, store: Store | None = None, workers: int = 1,
                  concurrency: int = 8, queues: Sequence[str] | None = None, eager: bool = False,
                  durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.1,
                  grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
-                 clock: Callable[[], float] = time.time) -> None:
+                 max_result: int = MAX_RESULT, clock: Callable[[], float] = time.time,
+                 prefix: str | None = PREFIX) -> None:
         if workers < 0: raise ValueError(f"workers must be >= 0, not {workers}")
+        if isinstance(max_result, bool) or not isinstance(max_result, int) or max_result < 1:
+            raise ValueError(f"max_result must be a whole number of bytes >= 1, not {max_result!r}")
         self.store: Any = store if store is not None else SQLiteStore(db, durability=durability, clock=clock)
         self.clock = clock
         self.registry: dict[str, Task[Any, Any]] = {}
         self.workers, self.concurrency = workers, concurrency
         self._queues = tuple(queues) if queues else None
         self.eager, self.lease, self.poll_interval, self.grace = eager, lease, poll_interval, grace
-        self.retention, self.max_payload = retention, max_payload
+        self.retention, self.max_payload, self.max_result = retention, max_payload, max_result
         self._attached: list[Worker] = []
         self._attached_lock = threading.Lock()
         # The workers started with the app run on its loop: a worker thread would contend for the GIL
@@ -80,7 +88,11 @@ class Tasks:
         self._own: list[tuple[Worker, asyncio.Future[None]]] = []
         self._prune_at = 0.0
         self._eager_lock = threading.Lock()
+        self.bus = EventBus(self.store.feed() if isinstance(self.store, SQLiteStore) else None)
         if hasattr(self.store, "on_commit"): self.store.on_commit.append(self._wake)
+        if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ValueError(f"prefix must start with '/' and not end with one, not {prefix!r}")
+        self.prefix = prefix
         self.app = None
         if app is not None: self.init_app(app)
 
@@ -167,9 +179,15 @@ class Tasks:
         outcomes = w.take_outcomes()
         try:
             accepted, claims = self.store.enqueue_claimed(due + rest, len(due), w.id, w.lease, [o for _, o in outcomes])
-        except BaseException:
+        except BaseException as e:
             w.restore_outcomes(outcomes)
-            raise
+            # The worker's outcomes ride along to save it a commit: they must never fail the request. Unless the store
+            # is busy or unavailable (the jobs could not be stored either), store the jobs without them.
+            if not outcomes or not isinstance(e, Exception) or isinstance(e, (QueueBusy, QueueUnavailable)): raise
+            log.warning("could not store jobs with %d outcome(s) of worker %s (%s: %s); storing them alone",
+                        len(outcomes), w.id, type(e).__name__, e)
+            accepted, claims = self.store.enqueue_claimed(due + rest, len(due), w.id, w.lease, [])
+            outcomes = []
         w.recorded(outcomes, accepted)
         w.handoff(claims)
 
@@ -227,6 +245,23 @@ class Tasks:
         self._prune_at = now + 60
         self.prune(self.retention)
 
+    # -- job events ------------------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[JobEvent], Any], *,
+                  jobs: Collection[str] | None = None) -> Callable[[], None]:
+        """Call `callback(event)` for every job change from now on, made by any process on this store (of `jobs`
+        only, if given). Returns a function that unsubscribes. Callbacks run in the event thread: keep them short."""
+        return self.bus.subscribe(callback, jobs=jobs)
+
+    async def events(self, jobs: Collection[str] | None = None, *,
+                     until_final: bool = False) -> AsyncIterator[JobEvent]:
+        """Stream job events as they happen: `async for ev in tasks.events([job.id], until_final=True)`.
+
+        With `until_final` the stream ends once every job in `jobs` is final, including jobs that already were."""
+        def final_now(ids: Collection[str]) -> set[str]:
+            return {i for i in ids if (r := self.get(i)) is not None and r.done}
+
+        async for ev in self.bus.stream(jobs, until_final=until_final, final_now=final_now): yield ev
+
     # -- workers ---------------------------------------------------------------------------------
     def worker(self, **kw: Any) -> Worker:
         "A worker for this hub, with the hub's settings unless overridden."
@@ -268,12 +303,14 @@ class Tasks:
     def init_app(self, app: Any) -> None:
         "Bind to a FastHTML/Starlette app: request-scoped job batches, and workers in the lifespan."
         if self.app is not None: raise RuntimeError("this Tasks hub is already bound to an app")
+        # Through the app's own routing: on a FastHTML app its Beforeware (auth) runs before the hub's routes.
+        # First, so that a clash with another hub's routes leaves the app as it was.
+        if self.prefix is not None: mount_routes(self, app, self.prefix)
         self.app = app
         state = app.state
         if not getattr(state, "fh_tasks_middleware", False):
             app.add_middleware(JobsMiddleware)
             state.fh_tasks_middleware = True
-        for route in status_routes(self): app.router.routes.append(route)
         ls = getattr(app, "lifespan", None)
         if ls is not None and hasattr(ls, "startup") and hasattr(ls, "shutdown"):
             ls.startup.append(self.start)

@@ -27,6 +27,8 @@ from . import __version__
 from .app import DEFAULT_DB, Tasks
 from .errors import StoreError
 from .job import JobRecord, JobState
+from .logs import EscapingFormatter, escape
+from .redact import REDACTED, is_secret_key, redact, redact_text
 
 __all__ = ["main", "load_target", "redact", "parse_duration"]
 
@@ -36,11 +38,17 @@ log = logging.getLogger("fh_tasks.cli")
 ENV = {"app": "FH_TASKS_APP", "db": "FH_TASKS_DB", "processes": "FH_TASKS_PROCESSES",
        "concurrency": "FH_TASKS_CONCURRENCY", "queues": "FH_TASKS_QUEUES", "log_level": "FH_TASKS_LOG_LEVEL",
        "grace": "FH_TASKS_GRACE", "lease": "FH_TASKS_LEASE"}
-_SECRET = re.compile(r"pass(word|wd|phrase)|^pwd$|secret|token|api[-_]?key|access[-_]?key|private[-_]?key|"
-                     r"credential|authori[sz]ation|(^|[-_])auth($|[-_])|cookie|session", re.I)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PENDING = ("queued", "running", "retrying", "waiting")
-REDACTED = "[redacted]"
+#: Longest duration any option takes (100 years): more is a typo, and would overflow timers.
+MAX_DURATION = 100 * 365 * 86400.0
+#: Commands that only read the store: they open it read-only, so they can never change it.
+READ_ONLY = ("ls", "show", "stats", "wait")
+#: `show` cuts each field at this many characters, and a traceback at this many lines.
+SHOW_CHARS, SHOW_LINES = 4000, 200
+#: Supervisor: a worker process that dies is restarted after a delay that doubles from the first to the second
+#: figure while it keeps dying, and starts over once a worker has stayed up for `STABLE` seconds.
+BACKOFF, STABLE = (0.5, 30.0), 60.0
 
 
 class CliError(Exception):
@@ -49,15 +57,31 @@ class CliError(Exception):
 
 # -- values ----------------------------------------------------------------------------------------
 def parse_duration(text: str) -> float:
-    "Seconds in `30s`, `15m`, `12h`, `7d`, `2w` (a bare number is seconds)."
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    "Seconds in `30s`, `15m`, `12h`, `7d`, `2w` (a bare number is seconds), at most 100 years."
+    m = re.fullmatch(r"\s*([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*([smhdw]?)\s*", text)
     if not m: raise ValueError(f"{text!r} is not a duration like 30s, 15m, 12h, 7d or 2w")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    v = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if v > MAX_DURATION: raise ValueError(f"{text!r} is longer than 100 years")
+    return v
 
 
-def _positive_int(text: str) -> int:
-    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1: raise ValueError(f"{text!r} is not a whole number >= 1")
-    return int(text)
+def _age(text: str) -> float:
+    "A duration with its unit: a bare number is refused, so that `3` cannot mean 3 seconds where 3 days was meant."
+    if re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", text):
+        raise ValueError(f"{text!r} has no unit: write it like {text.strip()}d (s, m, h, d or w)")
+    return parse_duration(text)
+
+
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    "A converter of whole numbers from `lo` to `hi`."
+    def whole(text: str) -> int:
+        if not re.fullmatch(r"\s*[0-9]{1,12}\s*", text) or not lo <= int(text) <= hi:
+            raise ValueError(f"{text!r} is not a whole number from {lo} to {hi}")
+        return int(text)
+    return whole
+
+
+_positive_int = _whole(1, 10**6)
 
 
 def _seconds(text: str) -> float:
@@ -87,18 +111,14 @@ def _arg(conv: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def redact(value: Any, key: str = "") -> Any:
-    "A copy of `value` with the values of secret-looking keys (password, token, api_key...) replaced."
-    if key and _SECRET.search(key): return REDACTED
-    if isinstance(value, dict): return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list): return [redact(v) for v in value]
-    return value
-
-
 def _clean(text: Any, width: int | None = None) -> str:
     "Printable text: control characters from stored data are escaped so they cannot drive the terminal."
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    s = escape(text)
     return s if width is None or len(s) <= width else s[: max(1, width - 1)] + "…"
+
+
+def _cut(text: str, limit: int = SHOW_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def _when(t: float | None) -> str:
@@ -117,6 +137,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], widths: Sequenc
 def load_target(spec: str) -> Tasks:
     "The `Tasks` hub named by `module:attr` (a hub, or an app a hub is bound to; `module` alone: its one hub)."
     mod_name, _, attr = spec.partition(":")
+    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+        module = re.sub(r"\.py$", "", mod_name).replace("\\", "/")
+        module = ".".join(p for p in module.split("/") if p not in ("", "."))
+        raise CliError(f"{spec!r} names a file; name its module instead: {module}{':' + attr if attr else ''} "
+                       "(from the folder its path starts in)")
     if not mod_name or not re.fullmatch(r"[\w.]+", mod_name):
         raise CliError(f"{spec!r} is not module:attribute (for example myapp:tasks)")
     if os.getcwd() not in sys.path: sys.path.insert(0, os.getcwd())  # like `python -m`, find the project's modules
@@ -141,20 +166,26 @@ def load_target(spec: str) -> Tasks:
 
 
 def _hub(args: argparse.Namespace) -> Tasks:
-    "The hub to inspect: from --app (its registry and store), else the store file --db."
+    """The hub to inspect: from --app (its registry and store), else the store file --db. The store must exist
+    already; `ls`, `show`, `stats` and `wait` open it read-only."""
+    from .store.sqlite import SQLiteStore
+    readonly = args.command in READ_ONLY
     if args.app:
         hub = load_target(args.app)
-        if args.db: _use_db(hub, args.db)
+        if args.db: _use_db(hub, args.db, readonly=readonly, create=False)
+        elif isinstance(hub.store, SQLiteStore) and not hub.store.memory:
+            _use_db(hub, hub.store.path, readonly=readonly, create=False)
         return hub
     path = args.db or DEFAULT_DB
-    if path != ":memory:" and not os.path.exists(path):
+    if not os.path.exists(path):
         raise CliError(f"no job store at {path}; pass --db PATH or --app module:attr (or set FH_TASKS_DB)")
-    return Tasks(db=path, workers=0, retention=None)
+    return Tasks(store=SQLiteStore(path, readonly=readonly, create=False), workers=0, retention=None)
 
 
-def _use_db(hub: Tasks, path: str) -> None:
+def _use_db(hub: Tasks, path: str, *, readonly: bool = False, create: bool = True) -> None:
     from .store.sqlite import SQLiteStore
-    hub.store = SQLiteStore(path, durability=getattr(hub.store, "durability", "normal"))
+    hub.store = SQLiteStore(path, durability=getattr(hub.store, "durability", "normal"), readonly=readonly,
+                            create=create)
     hub.store.on_commit.append(hub._wake)
 
 
@@ -217,9 +248,11 @@ def _start_child(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 def _supervise(args: argparse.Namespace) -> int:
-    "Run `--processes` worker processes; restart one that dies; forward stop signals."
+    "Run `--processes` worker processes; restart one that dies (with a growing delay while it keeps dying)."
     argv, signals = _child_argv(args), []
     procs = {i: (_start_child(argv), time.monotonic()) for i in range(args.processes)}
+    delays: dict[int, float] = {}
+    restart_at: dict[int, float] = {}
     log.info("supervisor %d started worker processes %s", os.getpid(), " ".join(str(p.pid) for p, _ in procs.values()))
 
     def forward(sig: int, _frame: Any) -> None:
@@ -230,22 +263,36 @@ def _supervise(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     worst = 0
     try:
-        while procs:
-            time.sleep(0.1)
+        while procs or (restart_at and not signals):
+            time.sleep(0.05)
+            now = time.monotonic()
             for i, (p, started) in list(procs.items()):
                 if (rc := p.poll()) is None: continue
+                del procs[i]
                 if signals or rc == 0 or rc == 2:  # stopping, finished (--burst), or a start-up error
                     worst = max(worst, rc if rc > 0 else 0)
-                    del procs[i]
                     continue
-                log.warning("worker process %d ended with %s; starting another", p.pid, _exit_text(rc))
-                time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))  # no busy loop when a job kills every worker
-                if signals: del procs[i]  # told to stop meanwhile
-                else: procs[i] = (_start_child(argv), time.monotonic())
+                delays[i] = _backoff(delays.get(i), now - started)
+                restart_at[i] = now + delays[i]
+                log.warning("worker process %d ended with %s after %.1fs; starting another in %gs", p.pid,
+                            _exit_text(rc), now - started, delays[i])
+            for i, at in list(restart_at.items()):
+                if signals: restart_at.clear()  # told to stop meanwhile
+                elif now >= at:
+                    del restart_at[i]
+                    procs[i] = (_start_child(argv), time.monotonic())
     finally:
         for s, h in old.items(): signal.signal(s, h)
     log.info("supervisor %d: every worker process has stopped", os.getpid())
     return worst
+
+
+def _backoff(last: float | None, uptime: float) -> float:
+    """Seconds to wait before restarting a worker process that died after `uptime` seconds: the first delay, doubled
+    on each death in a row up to the cap, and the first delay again once a worker stayed up for `STABLE` seconds."""
+    first, cap = BACKOFF
+    if last is None or uptime >= STABLE: return first
+    return min(cap, last * 2)
 
 
 def _exit_text(rc: int) -> str:
@@ -256,8 +303,10 @@ def _exit_text(rc: int) -> str:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s")
+    "Log to stderr, every line escaped: stored text (a job's error, its task name) cannot forge log lines."
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 # -- inspecting and managing jobs ------------------------------------------------------------------
@@ -282,32 +331,38 @@ def _record(hub: Tasks, id: str) -> JobRecord:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    "Show one job; arguments with secret-looking names are redacted."
+    "Show one job; secret-looking arguments and the secrets inside stored text are redacted."
     hub = _hub(args)
     r = _record(hub, args.id)
     task = hub.registry.get(r.task)
     names = [p for p in task.signature.parameters] if task else []
-    positional = [REDACTED if i < len(names) and _SECRET.search(names[i]) else redact(a) for i, a in enumerate(r.args)]
+    positional = [REDACTED if i < len(names) and is_secret_key(names[i]) else redact(a) for i, a in enumerate(r.args)]
     fields: list[tuple[str, Any]] = [
-        ("id", r.id), ("task", r.task), ("queue", r.queue), ("state", r.state.value),
+        ("id", r.id), ("task", r.task), ("queue", r.queue), ("state", r.state_text),
         ("attempts", f"{r.attempts} of {r.max_attempts}"), ("created", _when(r.created_at)),
         ("run at", _when(r.run_at)), ("started", _when(r.started_at)), ("finished", _when(r.finished_at)),
         ("worker", r.worker or "-"), ("parent", r.parent or "-"), ("args", _json(positional)),
         ("kwargs", _json(redact(r.kwargs))), ("progress", _json(redact(r.progress))),
         ("result", _json(redact(r.result)))]
     if isinstance(r.error, dict):
-        fields.append(("error", f"{r.error.get('type', 'Error')}: {r.error.get('message', '')}"))
+        fields.append(("error", redact_text(f"{r.error.get('type', 'Error')}: {r.error.get('message', '')}")))
     width = max(len(k) for k, _ in fields)
-    for k, v in fields: print(f"{k.ljust(width)}  {_clean(v)}")
+    for k, v in fields: print(f"{k.ljust(width)}  {_cut(_clean(v))}")
     tb = r.error.get("traceback") if isinstance(r.error, dict) else None
     if tb:
         print("traceback:")
-        for line in str(tb).rstrip().splitlines(): print("    " + _clean(line))
+        lines = redact_text(str(tb)).rstrip().splitlines()
+        if len(lines) > SHOW_LINES:
+            print(f"    ... ({len(lines) - SHOW_LINES:,} earlier lines)")
+            lines = lines[-SHOW_LINES:]
+        for line in lines: print("    " + _cut(_clean(line), 1000))
     return 0
 
 
 def _json(v: Any) -> str:
-    return "-" if v is None else json.dumps(v, ensure_ascii=False)
+    if v is None: return "-"
+    try: return json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError): return repr(v)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -353,18 +408,36 @@ def _ago(seconds: float) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    "Jobs per state, and throughput over the last minute."
+    "Jobs per state, throughput over the last minute, live workers, and tasks no live worker runs."
     hub = _hub(args)
     counts = hub.counts()
-    rows = [(s.value, counts.get(s.value, 0)) for s in JobState] + [("total", sum(counts.values()))]
-    print(table(("STATE", "JOBS"), rows))
+    known = [s.value for s in JobState]
+    rows = [(s, counts.get(s, 0)) for s in known]
+    rows += [(f"unknown:{_clean(s)}", n) for s, n in counts.items() if s not in known]  # written behind fh-tasks' back
+    print(table(("STATE", "JOBS"), rows + [("total", sum(counts.values()))]))
     since = getattr(hub.store, "finished_since", None)
     if since is not None:
         n = since(time.time() - 60)
         print(f"\nfinished in the last minute: {n} ({n / 60:.1f} jobs/s)")
-    workers = {r.worker for r in hub.jobs(state="running", limit=10_000) if r.worker}
-    print(f"workers with running jobs: {len(workers)}")
+    holding = getattr(hub.store, "running_workers", None)
+    if holding is not None: print(f"workers with running jobs: {holding()}")
+    if (registered := getattr(hub.store, "workers", None)) is not None: _workers_and_orphans(hub, registered())
     return 0
+
+
+def _workers_and_orphans(hub: Tasks, workers: list[Any]) -> None:
+    "Live workers, then every task with jobs waiting that no live worker can run (they stay queued until one can)."
+    live, now = [w for w in workers if w.live], time.time()
+    silent = f" ({len(workers) - len(live)} silent, ignored)" if len(workers) > len(live) else ""
+    print(f"live workers: {len(live)}{silent}")
+    if live:
+        print(table(("WORKER", "QUEUES", "CONCURRENCY", "TASKS", "SEEN"),
+                    [(w.id, ",".join(w.queues), w.concurrency, len(w.tasks), f"{max(0.0, now - w.last_seen):.0f}s ago")
+                     for w in live], (48, 40, 11, 5, 10)))
+    for task, queue, due, later in hub.store.waiting_by_task():
+        if any(task in w.tasks and queue in w.queues for w in live): continue
+        when = f"{due} queued" + (f", {later} scheduled" if later else "")
+        print(f"no live worker runs task {_clean(task)} (queue {_clean(queue)}): {when}")
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -401,14 +474,15 @@ def _bar(done: int, pending: int, running: int, elapsed: float, tty: bool) -> No
 
 # -- argument parsing ------------------------------------------------------------------------------
 _CONVERT: dict[str, Callable[[str], Any]] = {
-    "processes": _positive_int, "concurrency": _positive_int, "queues": _queues, "grace": parse_duration,
+    "processes": _whole(1, 256), "concurrency": _whole(1, 100_000), "queues": _queues, "grace": parse_duration,
     "lease": _seconds, "log_level": _level}
 _WORKER_OPTIONS = (
     ("processes", "N", "worker processes (default 1)"),
     ("concurrency", "N", "jobs each process runs at once (default: the hub's)"),
     ("queues", "LIST", "comma-separated queues to serve (default: the hub's)"),
-    ("grace", "SECONDS", "time running jobs get to finish when stopping (default: the hub's)"),
-    ("lease", "SECONDS", "time before a silent worker's jobs are taken back (default: the hub's)"),
+    ("grace", "SECONDS", "time running jobs get to finish when stopping: seconds, or like 2m (default: the hub's)"),
+    ("lease", "SECONDS", "time before a silent worker's jobs are taken back: seconds, or like 2m (default: the "
+                         "hub's)"),
     ("log_level", "LEVEL", "debug, info, warning or error (default info)"))
 
 def _env_help(dest: str, text: str) -> str:
@@ -452,10 +526,11 @@ def _add_commands(sub: Any) -> None:
     cancel = sub.add_parser("cancel", help="cancel a job that has not started", description=cmd_cancel.__doc__)
     cancel.add_argument("id")
     purge = sub.add_parser("purge", help="delete old finished jobs", description=cmd_purge.__doc__)
-    purge.add_argument("--older-than", required=True, type=_arg(parse_duration), metavar="AGE", help="e.g. 12h, 7d, 2w")
+    purge.add_argument("--older-than", required=True, type=_arg(_age), metavar="AGE",
+                       help="with its unit: 12h, 7d, 2w (a bare number is refused)")
     stats = sub.add_parser("stats", help="jobs per state and throughput", description=cmd_stats.__doc__)
     wait = sub.add_parser("wait", help="wait for the queue to drain", description=cmd_wait.__doc__)
-    wait.add_argument("--timeout", type=_arg(_seconds), help="give up (exit 1) after this long")
+    wait.add_argument("--timeout", type=_arg(_seconds), help="give up (exit 1) after this long: seconds, or like 5m")
     wait.add_argument("--interval", type=_arg(_seconds), default=0.2, help=argparse.SUPPRESS)
     for name, sp in (("ls", ls), ("show", show), ("retry", retry), ("cancel", cancel), ("purge", purge),
                      ("stats", stats), ("wait", wait)):
@@ -482,12 +557,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _apply_env(args, parser)
     try:
-        return int(args.func(args))
-    except CliError as e:
-        print(f"fh-tasks: error: {e}", file=sys.stderr)
+        rc = int(args.func(args))
+        sys.stdout.flush()  # here, so that a closed pipe is handled below rather than at exit
+        return rc
+    except (CliError, StoreError) as e:
+        print(f"fh-tasks: error: {_clean(e)}", file=sys.stderr)
         return 2
-    except StoreError as e:
-        print(f"fh-tasks: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        # The reader went away (`fh-tasks ls | head`): stop quietly, as Unix tools do on SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130

@@ -5,7 +5,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .encoding import encode_value
+from .encoding import encode_progress
 
 if TYPE_CHECKING:
     from .store import Store
@@ -23,9 +23,20 @@ class JobContext:
     store: Store | None = None
 
     def progress(self, value: Any) -> bool:
-        "Record progress (any JSON value, e.g. `{'done': 3, 'total': 10}`); shown by status pages. False if stale."
+        """Record progress (any JSON value, e.g. `{'done': 3, 'total': 10}`), shown by status pages.
+
+        Cheap enough for a tight loop: the value is checked at once (a non-JSON value raises `ArgumentError`) and
+        kept in memory, latest wins; the worker writes it within about 0.2 s, and the last value of an attempt is
+        committed with its outcome (a pool process writes it before handing the outcome back). Returns True when the
+        value was kept; False when it will never be stored: no store, or a write already found that this attempt no
+        longer holds the job (it ended, timed out, or was taken back). A stale attempt may still get True until the
+        next write notices. A store without `record_progress` is written at once.
+        """
+        text = encode_progress(value)
         if self.store is None: return False
-        return self.store.set_progress(self.id, self.attempt, encode_value(value, "progress"))
+        record = getattr(self.store, "record_progress", None)
+        if record is None: return bool(self.store.set_progress(self.id, self.attempt, text))
+        return bool(record(self.id, self.attempt, text))
 
 
 _current: ContextVar[JobContext | None] = ContextVar("fh_tasks_job", default=None)

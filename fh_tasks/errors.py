@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = ["FhTasksError", "TaskNotRegistered", "ArgumentError", "PayloadTooLarge", "StoreError",
-           "QueueUnavailable", "QueueBusy", "JobFailed", "JobCancelled", "Retry", "TaskTimeout"]
+           "QueueUnavailable", "QueueBusy", "JobFailed", "JobCancelled", "Retry", "TaskTimeout", "Unsupported"]
 
 
 class FhTasksError(Exception):
@@ -54,3 +54,7 @@ class Retry(FhTasksError):
     def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class Unsupported(FhTasksError):
+    """The engine cannot do this (it lacks the capability)."""

@@ -333,14 +333,28 @@ def _child_main(conn: Any, owner: int, sys_path: list[str], main_name: str | Non
 def _run_request(req: dict[str, Any], main_name: str | None, main_path: str | None, stores: dict[str, Any]) -> bytes:
     try:
         task = _find_task(req["name"], req["module"], main_name, main_path)
-        store = None
-        if req["db"] and req["db"] != ":memory:":
-            from .store.sqlite import SQLiteStore
-            store = stores.get(req["db"]) or stores.setdefault(req["db"], SQLiteStore(req["db"]))
+        store = _child_store(req["db"], stores) if req["db"] and req["db"] != ":memory:" else None
         ctx = JobContext(req["id"], req["name"], req["attempt"], req["max_attempts"], store)
-        return pickle.dumps(("ok", call_in_thread(ctx, task.fn, req["args"], req["kwargs"])))
+        try: return pickle.dumps(("ok", call_in_thread(ctx, task.fn, req["args"], req["kwargs"])))
+        finally: _flush_progress(store)  # before the parent records the outcome
     except BaseException as e:
         return _error_reply(e)
+
+
+def _child_store(db: str, stores: dict[str, Any]) -> Any:
+    "The pool process's store for `db`, with a thread that writes the progress its tasks record."
+    if (store := stores.get(db)) is None:
+        from .progress import start_flusher
+        from .store.sqlite import SQLiteStore
+        store = stores[db] = SQLiteStore(db)
+        start_flusher(store.progress_pending, store.flush_progress)
+    return store
+
+
+def _flush_progress(store: Any) -> None:
+    if store is None or not store.progress_pending(): return
+    try: store.flush_progress()
+    except Exception: pass  # busy or gone: the flusher thread tries again; the job's outcome does not depend on it
 
 
 def _error_reply(e: BaseException) -> bytes:

@@ -1,10 +1,19 @@
-"""Retry policy: how many attempts a job gets and how long it waits between them. Pure, no I/O."""
+"""Retries: how many attempts a job gets and how long it waits between them (`RetryPolicy`, pure), and the
+hook that applies it to failed attempts (`Retries`)."""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["RetryPolicy"]
+from .errors import Retry
+from .hooks import Decision, Hook
+
+if TYPE_CHECKING:
+    from .context import JobContext
+    from .task import Task
+
+__all__ = ["RetryPolicy", "Retries"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +41,18 @@ class RetryPolicy:
         except OverflowError: base = self.max_delay if self.delay else 0.0  # a very late attempt of a long retry run
         r = random.random() if rnd is None else rnd
         return min(self.max_delay, base * (1 + self.jitter * r))
+
+
+class Retries(Hook):
+    """The built-in retry rule, as a hook: a failed attempt runs again while the job has attempts left, after
+    the task's backoff or the delay a `Retry(delay=...)` asked for. Add a hook before it to decide otherwise
+    (e.g. never retry a `ValueError`)."""
+
+    def __init__(self, *, immediate: bool = False) -> None:
+        self.immediate = immediate  # eager mode and `testing.drain`: no backoff waits
+
+    def on_failure(self, job: JobContext, task: Task[Any, Any], error: BaseException) -> Decision | None:
+        if job.attempt >= job.max_attempts: return Decision(retry=False)
+        if self.immediate: return Decision(retry=True, delay=0.0)
+        if isinstance(error, Retry) and error.delay is not None: return Decision(retry=True, delay=error.delay)
+        return Decision(retry=True, delay=task.policy.backoff(job.attempt))

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -19,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, _current
-from .encoding import decode_args, encode_value
-from .errors import ArgumentError, Retry, TaskTimeout
+from .encoding import decode_args, encode_value, is_utf8, sql_value, storable_text
+from .errors import ArgumentError, PayloadTooLarge, QueueBusy, QueueUnavailable, Retry, TaskTimeout
 from .executors import ProcessPool, call_in_thread, process_pool, thread_pool
-from .store import Claim, Outcome
+from .progress import FLUSH_EVERY
+from .store import Claim, Outcome, WorkerInfo
 
 if TYPE_CHECKING:
     from .app import Tasks
@@ -35,6 +37,9 @@ log = logging.getLogger("fh_tasks.worker")
 CHECKPOINT_EVERY = 0.5
 #: Most jobs claimed in one statement.
 CLAIM_BATCH = 64
+#: The workers running in this process. A suspect job (one that was running in a worker that died) runs only
+#: while no other job runs in the process, and no worker of the process claims anything beside it.
+_in_process: set[Worker] = set()
 
 
 @dataclass(eq=False)
@@ -81,6 +86,9 @@ class Worker:
         self._backlog = True       # the last claim filled every free slot: freed slots should claim at once
         self._reserved = 0         # slots promised to jobs handed over by `handoff` and not started yet
         self._linger: asyncio.TimerHandle | None = None
+        self._suspect: Claim | None = None  # the suspect job this worker runs alone
+        self._held = False         # busy while a suspect job waits: it claims nothing (and takes no handoff) to drain
+        self._tasks = (-1, "[]")   # (registry size, JSON list of the names of the tasks this worker can run)
 
     # -- control ---------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -104,14 +112,17 @@ class Worker:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         self._threads = thread_pool(self.concurrency)
         self.hub._attach(self)
+        _in_process.add(self)
         upkeep = () if self.burst else (self._heartbeats(), self._checkpoints())
         side = [asyncio.ensure_future(c) for c in upkeep]
+        side.append(asyncio.ensure_future(self._progress_flushes()))
         if any(t.options.process and t.options.queue in self.queues for t in self.hub.registry.values()):
             self._procs = process_pool()
             side.append(asyncio.ensure_future(self._procs.warm()))  # so the first process job need not wait
         bell = self._listen()
         self.log.debug("worker %s started on queues %s", self.id, ",".join(self.queues))
         try:
+            if not self.eager: self.store.register_worker(self.info())
             self.store.expire()
             await self._serve()
         finally:
@@ -121,6 +132,10 @@ class Worker:
             await self._shutdown()  # leases stay renewed while running jobs get their grace period
             for t in side: t.cancel()
             self.hub._detach(self)
+            _in_process.discard(self)
+            if not self.eager:
+                try: self.store.unregister_worker(self.id)
+                except Exception: self.log.warning("could not unregister worker %s", self.id, exc_info=True)
             self._threads.shutdown(wait=False, cancel_futures=True)
             if self._procs: self._procs.shutdown(wait=True, cancel_futures=True)
             self.log.debug("worker %s stopped after %d jobs", self.id, self.processed)
@@ -160,41 +175,105 @@ class Worker:
         "Record the outcomes gathered so far and claim jobs for the free slots, in one transaction."
         batch = self.take_outcomes()
         free = self.concurrency - len(self.running) - self._reserved
-        asked = min(free, CLAIM_BATCH) if free > 0 else 0
+        asked = min(free, CLAIM_BATCH) if free > 0 and not _suspect_running() else 0
         if not batch and not asked: return 0, 0
+        alone = asked > 0 and _process_idle()
         try:
             outcomes = [o for _, o in batch]
-            accepted, claims = self.store.finish_and_claim(outcomes, self.id, self.queues, asked, self.lease)
-        except Exception:
+            accepted, claims = self.store.finish_and_claim(outcomes, self.id, self.queues, asked, self.lease,
+                                                           tasks=self.task_names(), alone=alone)
+        except Exception as e:
+            if batch and not isinstance(e, (QueueBusy, QueueUnavailable)):
+                # Not a busy store: an outcome that cannot be written must not hold back the others.
+                self.log.warning("could not record %d outcome(s) in one commit (%s: %s); recording them one by one",
+                                 len(batch), type(e).__name__, _text(e))
+                if self._record_each(batch): return self._round()
+                return asked, 0
             self.log.exception("could not record outcomes or claim jobs; retrying")
             self._outcomes = batch + self._outcomes
             return asked, 0
         self.recorded(batch, accepted)
+        self._suspect = next((c for c in claims if c.suspect), self._suspect)
         for c in claims: self._start(c)
         self._backlog = len(claims) >= asked
+        # Busy, nothing claimed: perhaps a suspect job waits for this worker to drain (then take no handoff either).
+        if asked and (due := getattr(self.store, "suspect_due", None)) is not None:
+            self._held = not claims and not alone and due(self.queues, self.task_names())
         return asked, len(claims)
+
+    def _waits(self) -> bool:
+        "Claims nothing until a job ends: a suspect job runs in this process, or this worker drains for one."
+        return self._held or _suspect_running()
+
+    def task_names(self) -> str:
+        "The names of the tasks this worker can run, as a JSON list: it claims only their jobs."
+        reg = self.hub.registry
+        if self._tasks[0] != len(reg): self._tasks = (len(reg), json.dumps(sorted(reg)))
+        return self._tasks[1]
+
+    def info(self) -> WorkerInfo:
+        "This worker as registered in the store (`fh_workers`), where `fh-tasks stats` and the dashboard see it."
+        return WorkerInfo(self.id, socket.gethostname(), os.getpid(), self.queues, tuple(json.loads(self.task_names())),
+                          self.concurrency, self.lease)
 
     def recorded(self, batch: list[tuple[_Run, Outcome]], accepted: int) -> None:
         "Outcomes were committed (by this worker, or by a request's commit that took them)."
         if not batch: return
         self.processed += len(batch)
-        if accepted < len(batch):
-            self.log.warning("%d outcome(s) refused: the lease had expired and the job was taken back",
-                             len(batch) - accepted)
+        if accepted >= len(batch): return
+        if len(batch) == 1:
+            c = batch[0][0].claim
+            self.log.warning("job %s (%s): outcome refused: the lease had expired and the job was taken back", c.id,
+                             c.task, extra={"action": "refused", "job_id": c.id, "task": c.task})
+        else:
+            ids = ", ".join(f"{r.claim.id} ({r.claim.task})" for r, _ in batch[:10])
+            self.log.warning("%d of %d outcome(s) refused: the lease had expired and the job was taken back; jobs: %s",
+                             len(batch) - accepted, len(batch), ids, extra={"action": "refused"})
+
+    def _record_each(self, batch: list[tuple[_Run, Outcome]]) -> bool:
+        """Record outcomes one commit each, after a commit carrying them all failed for a reason other than a busy
+        or unavailable store: one that cannot be written fails its job with a minimal error, and the others are
+        recorded. False when the store is busy or unavailable: the rest wait for the next round."""
+        for i, (run, o) in enumerate(batch):
+            try: accepted = self._record_alone(run, o)
+            except (QueueBusy, QueueUnavailable):
+                self.log.warning("the job store is busy or unavailable; %d outcome(s) wait", len(batch) - i,
+                                 exc_info=True)
+                self._outcomes = batch[i:] + self._outcomes
+                return False
+            self.recorded([(run, o)], accepted)
+        return True
+
+    def _record_alone(self, run: _Run, o: Outcome) -> int:
+        try: return int(self.store.finish([o]))
+        except (QueueBusy, QueueUnavailable): raise
+        except Exception as e: why = f"{type(e).__name__}: {_text(e)}"
+        c = run.claim
+        msg = f"{c.task}: the job's outcome ({o.kind}) could not be stored ({why}); it is recorded as failed"
+        self._log_failure(c, "OutcomeError", msg)
+        minimal = Outcome("fail", o.id, o.attempt, error=json.dumps(_err("OutcomeError", msg)), extra={"task": c.task})
+        try: return int(self.store.finish([minimal]))
+        except (QueueBusy, QueueUnavailable): raise
+        except Exception:
+            self.log.exception("job %s (%s): not even its failure could be recorded; it runs again once its lease "
+                               "runs out", c.id, c.task, extra={"action": "lost", "job_id": c.id, "task": c.task})
+            return 0
 
     def _idle_timeout(self) -> float:
         "Sleep until the next poll, or until a scheduled job or a retry falls due if that is sooner."
         nd = getattr(self.store, "next_due", None)
-        # A short poll finds due jobs soon enough on its own; a full worker is woken when a job ends.
-        if nd is None or self.poll_interval <= 0.05 or len(self.running) >= self.concurrency:
+        # A short poll finds due jobs soon enough on its own; a full worker is woken when a job ends, and so is one
+        # that runs a suspect job alone or drains for one.
+        if nd is None or self.poll_interval <= 0.05 or len(self.running) >= self.concurrency or self._waits():
             return self.poll_interval
-        t = nd(self.queues)
+        t = nd(self.queues, self.task_names())
         return self.poll_interval if t is None else min(self.poll_interval, max(0.001, t - self.store.clock()))
 
     def _due_soon(self) -> bool:
         nd = getattr(self.store, "next_due", None)
         if nd is None: return True
-        t = nd(self.queues)
+        if self._waits(): return False
+        t = nd(self.queues, self.task_names())
         return t is not None and t <= self.store.clock()
 
     async def _heartbeats(self) -> None:
@@ -203,7 +282,7 @@ class Worker:
         while True:
             await asyncio.sleep(every)
             try:
-                if self.running: self.store.heartbeat(self.id, self.lease)
+                self.store.heartbeat(self.id, self.lease, self.info())  # also tells the store this worker is alive
                 now = time.monotonic()
                 if now >= sweep_at:
                     sweep_at = now + max(1.0, self.lease / 2)
@@ -211,6 +290,17 @@ class Worker:
                     self.hub._maybe_prune()
             except Exception:
                 self.log.exception("lease upkeep failed; will retry")
+
+    async def _progress_flushes(self) -> None:
+        "Write the progress tasks recorded (`current_job().progress`) in one transaction per interval, from a thread."
+        flush, pending = getattr(self.store, "flush_progress", None), getattr(self.store, "progress_pending", None)
+        if flush is None or pending is None: return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            if not pending(): continue
+            try: await loop.run_in_executor(None, flush)
+            except Exception: self.log.warning("could not record progress; will retry", exc_info=True)
 
     async def _checkpoints(self) -> None:
         "Checkpoint the WAL from a thread, off the commit path, so it stays small and commits stay cheap."
@@ -224,16 +314,29 @@ class Worker:
 
     # -- running one job ------------------------------------------------------------------------
     def _start(self, claim: Claim) -> None:
+        "Start a claimed job. Never raises: a job that cannot start (bad row, unknown task, any error) fails alone."
         run = _Run(claim)
-        self.running[(claim.id, claim.attempt)] = run
+        try:
+            self.running[(claim.id, claim.attempt)] = run
+            self._launch(run)
+        except Exception as e:
+            if run.future is not None and not run.future.done(): run.future.cancel()
+            if not run.settled:
+                if self._stopping: self._settle(run, "release")
+                else: self._reject(run, type(e).__name__, f"the job could not be started: {_text(e)}", _trace(e))
+            try: self.running.pop((claim.id, claim.attempt), None)
+            except TypeError: pass  # an unhashable id: it never got in
+
+    def _launch(self, run: _Run) -> None:
+        claim = run.claim
+        if (bad := _bad_row(claim)): return self._reject(run, "BadRow", f"the stored job cannot be run: {bad}")
         task = self.hub.registry.get(claim.task)
         if task is None:
-            msg = f"no task named {claim.task!r} is registered with this app"
-            return self._settle(run, "fail", error=_err("UnknownTask", msg))
+            return self._reject(run, "UnknownTask", f"no task named {claim.task!r} is registered with this app")
         try:
             args, kwargs = decode_args(claim.args)
         except ValueError as e:
-            return self._settle(run, "fail", error=_err("DecodeError", f"stored arguments cannot be decoded: {e}"))
+            return self._reject(run, "DecodeError", f"stored arguments cannot be decoded: {e}")
         ctx = JobContext(claim.id, claim.task, claim.attempt, claim.max_attempts, self.store)
         loop = self._loop
         assert loop is not None
@@ -284,43 +387,70 @@ class Worker:
         self._failed(run, task, exc)
 
     def _done(self, run: _Run, task: Task[Any, Any], fut: asyncio.Future[Any]) -> None:
-        if run.timer: run.timer.cancel()
-        if not run.settled:
-            if fut.cancelled():
-                if self._stopping: self._settle(run, "release")
-                else: self._failed(run, task, TaskTimeout(f"{run.claim.task} was cancelled"))
-            elif (exc := fut.exception()) is not None: self._failed(run, task, exc)
-            else:
-                try: result = encode_value(fut.result(), "the result")
-                except ArgumentError as e:
-                    msg = f"{run.claim.task} returned a value that is not JSON: {e}"
-                    self._settle(run, "fail", error=_err("ResultError", msg))
-                else: self._settle(run, "succeed", result=result)
-        # Keyed by attempt: a timed-out sync attempt keeps its slot until its thread returns, beside its retry.
-        self.running.pop((run.claim.id, run.claim.attempt), None)
-        self._nudge()
+        """The job's future ended. Whatever happens on the way to its outcome (a value that breaks the encoder...)
+        ends the job: it never stays running."""
+        try:
+            if run.timer: run.timer.cancel()
+            if not run.settled: self._outcome(run, task, fut)
+        except Exception as e:
+            if not run.settled:
+                msg = f"{run.claim.task}: the job's outcome could not be recorded: {type(e).__name__}: {_text(e)}"
+                self._reject(run, "ResultError", msg, _trace(e))
+        finally:
+            # Keyed by attempt: a timed-out sync attempt keeps its slot until its thread returns, beside its retry.
+            self.running.pop((run.claim.id, run.claim.attempt), None)
+            self._nudge()
+
+    def _outcome(self, run: _Run, task: Task[Any, Any], fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            if self._stopping: self._settle(run, "release")
+            else: self._failed(run, task, TaskTimeout(f"{run.claim.task} was cancelled"))
+        elif (exc := fut.exception()) is not None: self._failed(run, task, exc)
+        else:
+            try: result = encode_value(fut.result(), "the result", self.hub.max_result)
+            except Exception as e:
+                if isinstance(e, PayloadTooLarge): why = f"{e} (Tasks(max_result=...))"
+                else: why = str(e) if isinstance(e, ArgumentError) else f"{type(e).__name__}: {_text(e)}"
+                self._reject(run, "ResultError", f"{run.claim.task} returned a value that cannot be stored: {why}")
+            else: self._settle(run, "succeed", result=result)
 
     def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:
         c = run.claim
         if isinstance(exc, _Exited) and exc.__cause__ is not None: exc = exc.__cause__
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        error = _err(type(exc).__name__, str(exc), tb)
+        error = _err(type(exc).__name__, _text(exc), _trace(exc))
         if c.attempt < c.max_attempts:
-            delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else task.policy.backoff(c.attempt)
+            d: Any = exc.delay if isinstance(exc, Retry) else None  # a delay that is not seconds: the backoff
+            delay = max(0.0, float(d)) if _real(d) and math.isfinite(d) else task.policy.backoff(c.attempt)
             if self.eager: delay = 0.0
-            self.log.info("job %s (%s) attempt %d/%d failed: %s; retrying in %.2fs", c.id, c.task, c.attempt,
-                          c.max_attempts, error["message"], delay, extra={"action": "retry", "job_id": c.id})
+            self._log_failure(c, error["type"], error["message"], delay)
             self._settle(run, "retry", error=error, run_at=self.store.clock() + delay)
         else:
-            self.log.warning("job %s (%s) failed after %d attempt(s): %s: %s", c.id, c.task, c.attempt, error["type"],
-                             error["message"], extra={"action": "fail", "job_id": c.id})
+            self._log_failure(c, error["type"], error["message"])
             self._settle(run, "fail", error=error)
+
+    def _reject(self, run: _Run, type_: str, message: str, tb: str | None = None) -> None:
+        "Fail a job for good, now: it cannot run, or its result cannot be stored."
+        self._log_failure(run.claim, type_, message)
+        self._settle(run, "fail", error=_err(type_, message, tb))
+
+    def _log_failure(self, c: Claim, type_: str, message: str, retry_in: float | None = None) -> None:
+        "Every failed attempt is a WARNING carrying the job's id, task and error type (also as `extra`)."
+        extra = {"action": "fail" if retry_in is None else "retry", "job_id": c.id, "task": c.task,
+                 "error_type": type_, "attempt": c.attempt}
+        msg = storable_text(message if len(message) <= 500 else message[:497] + "...")
+        if retry_in is None:
+            self.log.warning("job %s (%s) failed after %s attempt(s): %s: %s", c.id, c.task, c.attempt, type_, msg,
+                             extra=extra)
+        else:
+            self.log.warning("job %s (%s) attempt %s/%s failed: %s: %s; retrying in %.2fs", c.id, c.task, c.attempt,
+                             c.max_attempts, type_, msg, retry_in, extra=extra)
 
     def _settle(self, run: _Run, kind: Any, *, result: str | None = None, error: dict[str, Any] | None = None,
                 run_at: float | None = None) -> None:
         run.settled = True
-        self._outcomes.append((run, Outcome(kind, run.claim.id, run.claim.attempt, result,
-                                            json.dumps(error) if error else None, run_at)))
+        c = run.claim
+        self._outcomes.append((run, Outcome(kind, c.id, c.attempt, result, json.dumps(error) if error else None, run_at,
+                                            extra={"task": c.task})))
         if run.future is None: self.running.pop((run.claim.id, run.claim.attempt), None)
         self._nudge()
 
@@ -335,6 +465,7 @@ class Worker:
     def handoff_slots(self) -> int:
         "Free slots a commit made on this worker's loop may fill directly (0 from any other thread)."
         if self._stopping or self.burst or self._loop is None or not _loop_is_current(self._loop): return 0
+        if self._waits(): return 0  # a suspect job runs, or waits for this worker to drain: it runs alone
         return max(0, self.concurrency - len(self.running) - self._reserved)
 
     def take_outcomes(self) -> list[tuple[_Run, Outcome]]:
@@ -363,7 +494,9 @@ class Worker:
         if not batch: return
         try:
             accepted = self.store.finish([o for _, o in batch])
-        except Exception:
+        except Exception as e:
+            if not isinstance(e, (QueueBusy, QueueUnavailable)) and self._record_each(batch): return
+            self._outcomes = []
             self.log.exception("could not record %d outcome(s); their leases will expire and they will run again",
                                len(batch))
             return
@@ -405,7 +538,55 @@ async def _run_async(ctx: JobContext, task: Task[Any, Any], args: list[Any], kwa
 
 
 def _err(type_: str, message: str, tb: str | None = None) -> dict[str, Any]:
-    return {"type": type_, "message": message, "traceback": tb}
+    "A stored error. Text that UTF-8 cannot hold (lone surrogates, as in `os.fsdecode` names) is backslash-escaped."
+    return {"type": storable_text(type_), "message": storable_text(message),
+            "traceback": None if tb is None else storable_text(tb)}
+
+
+def _text(e: BaseException) -> str:
+    try: return str(e)
+    except Exception: return f"<{type(e).__name__} whose str() raised>"
+
+
+def _trace(e: BaseException) -> str | None:
+    try: return "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    except Exception: return None
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bad_row(c: Claim) -> str | None:
+    "Why a claimed row cannot run (a column of the wrong type or out of range, written behind the store's back)."
+    def col(name: str, v: Any, want: str) -> str: return f"column {name} is {sql_value(v)}, not {want}"
+    if not isinstance(c.id, str) or not c.id: return col("id", c.id, "a job id")
+    if not isinstance(c.task, str): return col("task", c.task, "a task name")
+    if not (isinstance(c.attempt, int) and _real(c.attempt) and c.attempt >= 1):
+        return col("attempts", c.attempt - 1 if _real(c.attempt) else c.attempt, "a whole number >= 0")
+    if not (isinstance(c.max_attempts, int) and _real(c.max_attempts) and c.max_attempts >= 1):
+        return col("max_attempts", c.max_attempts, "a whole number >= 1")
+    if c.timeout is not None and not (_real(c.timeout) and 0 < c.timeout < math.inf):
+        return col("timeout", c.timeout, "NULL or a number of seconds > 0")
+    if not (_real(c.created_at) and math.isfinite(c.created_at)): return col("created_at", c.created_at, "a time")
+    for name, v in (("id", c.id), ("task", c.task), ("args", c.args)):
+        if isinstance(v, str) and not is_utf8(v): return f"column {name} holds text that is not valid UTF-8"
+    return None
+
+
+def _process_idle() -> bool:
+    "No worker of this process runs a job (one whose outcome is not recorded yet) or is about to start one."
+    for w in list(_in_process):
+        if w._reserved or any(not r.settled for r in list(w.running.values())): return False
+    return True
+
+
+def _suspect_running() -> bool:
+    "A worker of this process runs a suspect job: nothing else may start in the process until it ends."
+    for w in list(_in_process):
+        if (c := w._suspect) is not None and (r := w.running.get((c.id, c.attempt))) is not None and not r.settled:
+            return True
+    return False
 
 
 def _loop_is_current(loop: asyncio.AbstractEventLoop) -> bool:

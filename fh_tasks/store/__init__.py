@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 
 from ..job import JobRecord
 
-__all__ = ["NewJob", "Claim", "Outcome", "Store"]
+__all__ = ["NewJob", "Claim", "Outcome", "WorkerInfo", "Store"]
 
 
 @dataclass(slots=True)
@@ -35,7 +35,8 @@ class NewJob:
 
 @dataclass(slots=True)
 class Claim:
-    "A job a worker holds under lease; `attempt` is its fencing token."
+    """A job a worker holds under lease; `attempt` is its fencing token. `suspect`: it was running in a worker that
+    died, so it runs alone (its worker claims nothing beside it)."""
     id: str
     task: str
     queue: str
@@ -45,6 +46,22 @@ class Claim:
     timeout: float | None
     created_at: float
     started: float = 0.0
+    suspect: bool = False
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    "A worker as registered in the store: what it serves and when it was last seen (`live`: seen lately)."
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    tasks: tuple[str, ...]
+    concurrency: int
+    lease: float
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    live: bool = True
 
 
 @dataclass(slots=True)
@@ -66,16 +83,28 @@ class Store(Protocol):
         "Store `jobs` in one transaction (all or none). Raises `StoreError` subclasses."
 
     def claim(self, worker: str, queues: Sequence[str], limit: int, lease: float) -> list[Claim]:
-        "Atomically take up to `limit` due jobs, charging each an attempt, under a lease of `lease` seconds."
+        """Atomically take up to `limit` due jobs, charging each an attempt, under a lease of `lease` seconds.
+        A due suspect job (one lost with a dead worker) goes first, and alone: the claim returns just it."""
 
     def finish(self, outcomes: Iterable[Outcome]) -> int:
         "Record outcomes in one transaction; returns how many were accepted (a stale lease is refused)."
 
-    def heartbeat(self, worker: str, lease: float) -> int:
-        "Extend the leases of the jobs `worker` holds."
+    def heartbeat(self, worker: str, lease: float, info: WorkerInfo | None = None) -> int:
+        "Extend the leases of the jobs `worker` holds and note the worker is alive (registering `info` if forgotten)."
 
     def expire(self) -> list[tuple[str, str]]:
-        "Requeue (or fail, when out of attempts) jobs whose lease ran out; returns (id, new state) pairs."
+        """Take back the jobs of dead workers: requeued, or failed when out of attempts; returns (id, new state) pairs.
+        A job that ran alone in the dead worker's process is charged the attempt; others are excused, and all become
+        suspect (run alone from then on)."""
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        "Record a worker as live; `heartbeat` keeps it so."
+
+    def unregister_worker(self, id: str) -> None:
+        "Forget a worker that stopped cleanly."
+
+    def workers(self) -> list[WorkerInfo]:
+        "Registered workers, live ones first."
 
     def set_progress(self, id: str, attempt: int, progress: str) -> bool:
         "Record a running job's progress (JSON text)."

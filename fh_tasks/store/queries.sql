@@ -16,12 +16,33 @@ VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?);
 UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
  WHERE seq IN (SELECT seq FROM ({due}) ORDER BY run_at, seq LIMIT :limit)
-RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq;
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost;
+
+-- name: claim_seq
+-- Claim one given job (a suspect one, which runs alone).
+UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
+       lease_until = :lease_until, started_at = :now
+ WHERE seq = :seq
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost;
 
 -- name: due
+-- Only jobs of the tasks the worker can run (:tasks, a JSON list of names; NULL: any task): a job nobody here
+-- can run stays queued for a worker that can.
 SELECT * FROM (SELECT seq, run_at FROM fh_jobs
                 WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now
+                  AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
                 ORDER BY run_at, seq LIMIT :limit)
+
+-- name: suspect
+-- The oldest due suspect job (it was running in a worker that died) of these queues and tasks. Suspect jobs come
+-- before the others, and each runs alone: the claim takes one only for a worker with nothing else running
+-- (:alone), and takes nothing for a busy worker while one waits, so that it drains and takes it.
+-- INDEXED BY: left to itself the planner may read every queued job through fh_jobs_state instead.
+SELECT seq, run_at FROM fh_jobs INDEXED BY fh_jobs_suspect
+ WHERE lost > 0 AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now
+   AND queue IN (SELECT value FROM json_each(:queues))
+   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+ ORDER BY run_at, seq LIMIT 1
 
 -- name: succeed
 UPDATE fh_jobs SET state = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_until = NULL
@@ -53,15 +74,66 @@ UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
 -- name: heartbeat
 UPDATE fh_jobs SET lease_until = :lease_until WHERE state = 'running' AND worker = :worker;
 
+-- name: worker_seen
+UPDATE fh_workers SET last_seen = :now WHERE id = :id;
+
+-- name: register_worker
+INSERT INTO fh_workers (id, host, pid, queues, tasks, concurrency, lease, started_at, last_seen)
+VALUES (:id, :host, :pid, :queues, :tasks, :concurrency, :lease, :now, :now)
+ON CONFLICT (id) DO UPDATE SET queues = excluded.queues, tasks = excluded.tasks, concurrency = excluded.concurrency,
+                               lease = excluded.lease, last_seen = excluded.last_seen;
+
+-- name: unregister_worker
+DELETE FROM fh_workers WHERE id = :id;
+
+-- name: workers
+-- Registered workers, live ones (seen within :stale leases) first.
+SELECT id, host, pid, queues, tasks, concurrency, lease, started_at, last_seen,
+       last_seen >= :now - :stale * lease AS live
+  FROM fh_workers ORDER BY live DESC, started_at;
+
+-- name: forget_workers
+-- Rows of workers silent for :stale leases that hold no running job any more (their jobs were taken back).
+DELETE FROM fh_workers WHERE last_seen < :now - :stale * lease
+   AND id NOT IN (SELECT worker FROM fh_jobs WHERE state = 'running' AND worker IS NOT NULL);
+
+-- name: running_workers
+SELECT count(DISTINCT worker) FROM fh_jobs WHERE state = 'running';
+
+-- name: waiting_by_task
+-- Jobs waiting for a worker (due or not yet), per task and queue.
+SELECT task, queue, sum(state IN ('queued', 'retrying')) AS due, sum(state = 'scheduled') AS later
+  FROM fh_jobs WHERE state IN ('queued', 'scheduled', 'retrying') GROUP BY task, queue ORDER BY task, queue;
+
+-- name: expired
+-- Is any lease expired? (the cheap look the sweep takes before anything else). A lease that is not a number
+-- (NULL, or text written behind the store's back) holds nothing: it counts as expired.
+SELECT 1 FROM fh_jobs WHERE state = 'running' AND (typeof(lease_until) NOT IN ('integer', 'real') OR lease_until < :now)
+ LIMIT 1;
+
+-- name: running_jobs
+-- Every running job, with the process it runs in (host:pid of its registered worker, else the worker's id) and
+-- whether its lease is expired.
+SELECT j.seq, j.worker, coalesce(w.host || ':' || w.pid, j.worker, 'job:' || j.seq) AS process,
+       typeof(j.lease_until) NOT IN ('integer', 'real') OR j.lease_until < :now AS expired
+  FROM fh_jobs AS j LEFT JOIN fh_workers AS w ON w.id = j.worker WHERE j.state = 'running';
+
 -- name: expire
--- Jobs whose worker stopped renewing the lease: back to the queue, or failed once out of attempts.
--- A lost worker is not the task's fault: such a job gets at least :crash_attempts attempts in all.
+-- A job of a dead worker: back to the queue, or failed once out of charged attempts.
+-- :alone: it was the only job running in its worker's process, the likely cause of the crash: the attempt is charged.
+-- Otherwise the attempt is excused: `excused` and `max_attempts` both grow by one, so `attempts` (the fencing
+-- token) still only grows and attempts < max_attempts still decides retries. Charged attempts: attempts - excused.
+-- Either way `lost` grows: the job is suspect and runs alone from now on.
+-- A lost worker is not the task's fault: such a job gets at least :crash_attempts charged attempts in all.
 UPDATE fh_jobs SET
-       state = CASE WHEN attempts >= max(max_attempts, :crash_attempts) THEN 'failed' ELSE 'queued' END,
-       finished_at = CASE WHEN attempts >= max(max_attempts, :crash_attempts) THEN :now END,
+       state = CASE WHEN attempts - excused - (1 - :alone) >= max(max_attempts - excused, :crash_attempts)
+                    THEN 'failed' ELSE 'queued' END,
+       finished_at = CASE WHEN attempts - excused - (1 - :alone) >= max(max_attempts - excused, :crash_attempts)
+                          THEN :now END,
+       excused = excused + 1 - :alone, max_attempts = max_attempts + 1 - :alone, lost = lost + 1,
        error = :error, lease_until = NULL, worker = NULL
- WHERE state = 'running' AND lease_until < :now
-RETURNING id, state;
+ WHERE seq = :seq AND state = 'running'
+RETURNING id, state, task, attempts - excused;
 
 -- name: cancel
 UPDATE fh_jobs SET state = 'cancelled', finished_at = :now
@@ -69,7 +141,9 @@ UPDATE fh_jobs SET state = 'cancelled', finished_at = :now
 
 -- name: requeue
 -- Run a finished (failed or cancelled) job again, with a fresh set of attempts.
-UPDATE fh_jobs SET state = 'queued', run_at = :now, attempts = 0, finished_at = NULL, error = NULL, result = NULL
+-- Excused attempts are forgotten with the others; `lost` stays: a job that was lost with its worker still runs alone.
+UPDATE fh_jobs SET state = 'queued', run_at = :now, attempts = 0, max_attempts = max_attempts - excused, excused = 0,
+       finished_at = NULL, error = NULL, result = NULL
  WHERE id = :id AND state IN ('failed', 'cancelled');
 
 -- name: progress
@@ -77,6 +151,20 @@ UPDATE fh_jobs SET progress = :progress WHERE id = :id AND state = 'running' AND
 
 -- name: get
 SELECT * FROM fh_jobs WHERE id = :id;
+
+-- name: summary
+-- What a status page shows, cheap to read whatever a task stored: no arguments or result, the error's type and
+-- message only (a malformed error as its text), texts cut at 65,536 characters. NOT json_valid goes first:
+-- json_type raises on malformed JSON, and CASE stops at the first true branch.
+SELECT id, task, queue, state, attempts, max_attempts, run_at, created_at, started_at, finished_at, worker, parent,
+       NULL AS args, NULL AS result, substr(progress, 1, 65536) AS progress,
+       CASE WHEN error IS NULL THEN NULL
+            WHEN NOT json_valid(error) THEN substr(error, 1, 65536)
+            WHEN json_type(error) = 'object'
+            THEN json_object('type', substr(json_extract(error, '$.type'), 1, 200),
+                             'message', substr(json_extract(error, '$.message'), 1, 65536))
+            ELSE substr(error, 1, 65536) END AS error
+  FROM fh_jobs WHERE id = :id;
 
 -- name: counts
 SELECT state, count(*) AS n FROM fh_jobs GROUP BY state;
@@ -93,10 +181,30 @@ SELECT count(*) FROM fh_jobs WHERE state IN ('succeeded', 'failed') AND finished
 SELECT min(run_at) FROM ({due});
 
 -- name: next_due_one
+-- Of the tasks the worker can run (:tasks, as in `due`): a job nobody here runs must not wake it up in a loop.
 SELECT min(run_at) AS run_at FROM fh_jobs WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying')
+   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
 
 -- name: parent_state
 SELECT state FROM fh_jobs WHERE id = :id;
 
 -- name: unwait
 UPDATE fh_jobs SET state = 'queued', run_at = :now WHERE id = :id AND state = 'waiting';
+
+-- name: listen_events
+-- Register (or renew) an event listener: the fh_events triggers write while one is registered.
+INSERT INTO fh_listeners (id, until) VALUES (:id, :until) ON CONFLICT (id) DO UPDATE SET until = excluded.until;
+
+-- name: last_event
+SELECT coalesce(max(seq), 0) FROM fh_events;
+
+-- name: unlisten_events
+DELETE FROM fh_listeners WHERE id = :id;
+
+-- name: expire_listeners
+-- Listeners whose process died without unregistering.
+DELETE FROM fh_listeners WHERE until < :now;
+
+-- name: prune_events
+-- Keep the newest :keep events, and none older than :before.
+DELETE FROM fh_events WHERE seq <= (SELECT max(seq) FROM fh_events) - :keep OR at < :before;

@@ -1,30 +1,41 @@
 """SQLiteStore: the embedded job store, one SQLite file in WAL mode shared by any number of processes."""
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import logging
+import math
 import os
 import re
 import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
+from ..encoding import storable_text
 from ..errors import QueueBusy, QueueUnavailable, StoreError
-from ..job import JobRecord
-from . import Claim, NewJob, Outcome
+from ..job import JobRecord, JobState
+from ..progress import ProgressBuffer
+from . import Claim, NewJob, Outcome, WorkerInfo
 from .doorbell import Doorbell
+from .feed import SQLiteFeed
+from .migrations import SCHEMA_VERSION, apply, stored_version
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("fh_tasks.store")
+
 #: Attempts a job gets in all when its workers keep dying under it (or its retries + 1, if more).
 CRASH_ATTEMPTS = 3
+#: A registered worker not seen for this many of its lease periods is dead (not live; its row is then dropped).
+WORKER_STALE_LEASES = 3
 #: WAL size (in pages) at which a commit checkpoints by itself, when no worker has done it first.
 AUTOCHECKPOINT_PAGES = 8000
 #: Seconds a write waits for another process's lock before `QueueBusy` is raised.
@@ -43,7 +54,6 @@ def _load_queries() -> dict[str, str]:
 
 
 Q = _load_queries()
-SCHEMA = files(__package__).joinpath("schema.sql").read_text()
 
 
 class SQLiteStore:
@@ -51,15 +61,23 @@ class SQLiteStore:
 
     `durability="normal"` (synchronous=NORMAL) survives any process crash; a power loss may drop the
     last commits. `durability="full"` fsyncs every commit; concurrent enqueues share one commit.
+
+    Opening brings an older store up to date (`store/migrations`), and refuses a file that is not an fh-tasks store
+    (another SQLite database, or not SQLite) or that a newer fh-tasks made. `create=False` refuses a missing file
+    instead of creating it. `readonly=True` opens an existing store without ever writing to it (no migration, no
+    change of journal mode); a write then raises `StoreError`.
     """
 
     def __init__(self, path: str | os.PathLike[str] = "fh_tasks.db", *,
                  durability: Literal["normal", "full"] = "normal",
-                 busy_timeout: float = BUSY_TIMEOUT, clock: Callable[[], float] = time.time) -> None:
+                 busy_timeout: float = BUSY_TIMEOUT, clock: Callable[[], float] = time.time,
+                 readonly: bool = False, create: bool = True) -> None:
         if durability not in ("normal", "full"):
             raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
         self.path, self.durability, self.busy_timeout, self.clock = str(path), durability, busy_timeout, clock
         self.memory = self.path == ":memory:"
+        if readonly and self.memory: raise ValueError("a read-only store needs a file, not ':memory:'")
+        self.readonly, self.create = readonly, create and not readonly
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
@@ -68,14 +86,22 @@ class SQLiteStore:
         self._ckpt_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self.on_commit: list[Callable[[], None]] = []
-        self._bell = None if self.memory else Doorbell(self.path)
+        self._progress = ProgressBuffer()  # see set_progress / record_progress
+        self._bell = None if self.memory or readonly else Doorbell(self.path)
 
     # -- connection ------------------------------------------------------------------------------
     def _check_path(self) -> None:
         p = Path(self.path)
         if not p.parent.is_dir():
             raise QueueUnavailable(f"cannot open job store {self.path}: directory {p.parent} does not exist")
-        if p.exists():
+        if p.exists() and not p.is_file():
+            raise QueueUnavailable(f"cannot open job store {self.path}: it is not a file")
+        if not p.exists() and not self.create:
+            raise QueueUnavailable(f"no job store at {self.path}: the file does not exist")
+        if self.readonly:
+            if not os.access(p, os.R_OK):
+                raise QueueUnavailable(f"cannot read job store {self.path}: the file is not readable by this user")
+        elif p.exists():
             if not os.access(p, os.R_OK | os.W_OK):
                 ro_fs = hasattr(os, "statvfs") and os.statvfs(p.parent).f_flag & os.ST_RDONLY
                 why = "it is on a read-only file system" if ro_fs else "the file is read-only for this user"
@@ -85,14 +111,27 @@ class SQLiteStore:
         else:  # create it private before SQLite does (0600), whatever the umask
             os.close(os.open(p, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))
 
+    def _readonly_uri(self) -> str:
+        """A URI that opens the file read-only. SQLite may still create the `-shm` and `-wal` files a WAL database
+        is read through (owned as the database is, when run as root); the database itself is never written."""
+        return "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid(): return self._conn
         if self._conn is not None: _inherited.append(self._conn)
         if not self.memory: self._check_path()
+        c: sqlite3.Connection | None = None
         try:
-            c = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+            if self.readonly:  # SQLite itself refuses every write on this connection
+                c = sqlite3.connect(self._readonly_uri(), uri=True, timeout=self.busy_timeout,
+                                    isolation_level=None, check_same_thread=False)
+            else:
+                c = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                    check_same_thread=False)
             c.row_factory = sqlite3.Row
-            if not self.memory:
+            # Before anything is changed: not SQLite, another app's database, or a newer store is refused here.
+            version = stored_version(c, self.path)
+            if not self.memory and not self.readonly:
                 mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
@@ -101,30 +140,28 @@ class SQLiteStore:
             # Workers checkpoint from a thread of their own (`checkpoint`); commits only do it past ~32 MB of WAL.
             c.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
             c.execute("PRAGMA temp_store=MEMORY")
-            self._migrate(c)
-        except sqlite3.Error as e:
-            raise self._wrap(e, "open") from e
+            self._migrate(c, version)
+        except BaseException as e:
+            if c is not None: c.close()
+            if isinstance(e, sqlite3.Error): raise self._wrap(e, "open") from e
+            raise
         self._conn, self._pid = c, os.getpid()
         return c
 
-    def _migrate(self, c: sqlite3.Connection) -> None:
-        have = c.execute("SELECT name FROM sqlite_master WHERE name='fh_meta'").fetchone()
-        if have:
-            v = int(c.execute("SELECT value FROM fh_meta WHERE key='schema_version'").fetchone()[0])
-            if v != SCHEMA_VERSION:
-                raise StoreError(f"job store {self.path} has schema version {v}; "
-                                 f"this fh-tasks expects {SCHEMA_VERSION}")
-            return
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _statements(SCHEMA): c.execute(stmt)
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+    def _migrate(self, c: sqlite3.Connection, version: int) -> None:
+        "Bring the store up to SCHEMA_VERSION (see store/migrations); a read-only store must be up to date already."
+        if version == SCHEMA_VERSION: return
+        if self.readonly:
+            why = "it is empty" if version == 0 else f"it has schema {version}, this fh-tasks needs {SCHEMA_VERSION}"
+            raise QueueUnavailable(f"cannot read job store {self.path} without writing to it: {why}; open it once "
+                                   "read-write (start the app or a worker) to set it up")
+        ran = apply(c, self.path)
+        if ran: log.info("job store %s: ran migrations %s", self.path, ", ".join(m.name for m in ran))
 
     def _wrap(self, e: sqlite3.Error, doing: str) -> StoreError:
         msg = str(e)
+        if self.readonly and "readonly" in msg:
+            return StoreError(f"cannot {doing}: job store {self.path} was opened read-only")
         if "locked" in msg or "busy" in msg:
             return QueueBusy(f"job store {self.path} stayed locked for {self.busy_timeout}s while trying to {doing}")
         if "readonly" in msg or "read-only" in msg:
@@ -211,7 +248,7 @@ class SQLiteStore:
         in one transaction: an in-process worker with free slots takes new jobs without a claim round trip."""
         now = self.clock()
         with self._tx("enqueue") as c:
-            accepted = self._finish(c, list(outcomes), now) if outcomes else 0
+            accepted = self._record(c, list(outcomes), now)
             if claimed:
                 c.executemany(Q["insert_claimed"], [(j.id, j.task, j.queue, j.args, j.max_attempts, j.timeout, j.run_at,
                                                      j.created_at, worker, now + lease, now) for j in jobs[:claimed]])
@@ -258,20 +295,88 @@ class SQLiteStore:
         return self.finish_and_claim(outcomes, "", (), 0, 0.0)[0]
 
     def finish_and_claim(self, outcomes: Iterable[Outcome], worker: str, queues: Sequence[str], limit: int,
-                         lease: float) -> tuple[int, list[Claim]]:
-        "Record outcomes and claim the next batch in one transaction: one commit per worker round trip."
+                         lease: float, *, tasks: str | None = None, alone: bool = True) -> tuple[int, list[Claim]]:
+        """Record outcomes and claim the next batch in one transaction: one commit per worker round trip.
+        `tasks` (a JSON list of names; None: any) limits the claim to the tasks the worker can run. A due suspect job
+        is claimed on its own by a worker with nothing else running (`alone`, the default); a busy worker
+        (`alone=False`) claims nothing then, so that it drains and can take it."""
         outcomes, now = list(outcomes), self.clock()
         with self._tx("record results and claim jobs") as c:
-            accepted = self._finish(c, outcomes, now) if outcomes else 0
-            rows = c.execute(_per_queue("claim", "due", len(queues)),
-                             {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit,
-                              **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall() if limit > 0 and queues else []
-        # RETURNING gives rows in no set order: hand them out in the order they were due.
-        rows.sort(key=lambda r: (r[8], r[9]))
-        claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now) for r in rows]
+            accepted = self._record(c, outcomes, now)
+            rows = self._claim_rows(c, worker, queues, limit, lease, now, tasks, alone) if limit > 0 and queues else []
+        # RETURNING gives rows in no set order: hand them out in the order they were due (whatever a row holds).
+        rows.sort(key=_due_order)
+        claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now, suspect=bool(r[10])) for r in rows]
         return accepted, claims
 
+    def _claim(self, c: sqlite3.Connection, worker: str, queues: Sequence[str], limit: int, lease: float, now: float,
+               tasks: str | None, alone: bool) -> list[sqlite3.Row]:
+        p: dict[str, Any] = {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit, "tasks": tasks}
+        # A suspect job (lost with a worker that died) goes first, and alone: see `expire`.
+        if (suspect := c.execute(Q["suspect"], {"now": now, "queues": json.dumps(list(queues)), "tasks": tasks})
+                .fetchone()) is not None:
+            return c.execute(Q["claim_seq"], {**p, "seq": suspect[0]}).fetchall() if alone else []
+        return c.execute(_per_queue("claim", "due", len(queues)),
+                         {**p, **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall()
+
+    def _claim_rows(self, c: sqlite3.Connection, *args: Any) -> list[sqlite3.Row]:
+        """`_claim`. A claimed row holding text that is not UTF-8 (written behind the store's back) would fail the
+        claim, and so every claim after it: such a claim is made again reading that text with surrogate escapes,
+        so the worker sees the row and fails it alone."""
+        c.execute("SAVEPOINT fh_claim")
+        try: rows = self._claim(c, *args)
+        except sqlite3.OperationalError as e:
+            if "decode" not in str(e) or not c.in_transaction: raise
+            c.execute("ROLLBACK TO fh_claim")
+            c.text_factory = _escaped
+            try: rows = self._claim(c, *args)
+            finally: c.text_factory = str
+        c.execute("RELEASE fh_claim")
+        return rows
+
+    def _record(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
+        """Record outcomes (`_finish`). If that fails for a reason other than a busy or unavailable store (a value the
+        driver refuses, a constraint), record them one by one, failing each that cannot be written with a minimal
+        error: one outcome that cannot be stored never holds back the others, nor the commit carrying them."""
+        if not outcomes: return 0
+        c.execute("SAVEPOINT fh_outcomes")
+        try: accepted = self._finish(c, outcomes, now)
+        except Exception as e:
+            self._roll_back_to("fh_outcomes", c, e)
+            accepted = sum(self._record_one(c, o, now) for o in outcomes)
+        c.execute("RELEASE fh_outcomes")
+        return accepted
+
+    def _record_one(self, c: sqlite3.Connection, o: Outcome, now: float) -> int:
+        c.execute("SAVEPOINT fh_outcome")
+        try: n = self._finish(c, [o], now)
+        except Exception as e:
+            self._roll_back_to("fh_outcome", c, e)
+            task = o.extra.get("task", "?")
+            msg = storable_text(f"{task}: the job's outcome ({o.kind}) could not be stored ({type(e).__name__}: {e}); "
+                                "it is recorded as failed")
+            log.warning("job %s (%s) failed: OutcomeError: %s", o.id, task, msg,
+                        extra={"action": "fail", "job_id": o.id, "task": task, "error_type": "OutcomeError"})
+            err = json.dumps({"type": "OutcomeError", "message": msg, "traceback": None})
+            try: n = self._finish(c, [Outcome("fail", o.id, o.attempt, error=err, extra=o.extra)], now)
+            except Exception as e2:  # not even that: the lease runs out and the job runs again
+                self._roll_back_to("fh_outcome", c, e2)
+                log.error("job %s (%s): could not record its failure either (%s: %s); it runs again once its lease "
+                          "runs out", o.id, task, type(e2).__name__, e2, extra={"job_id": o.id, "task": task})
+                n = 0
+        c.execute("RELEASE fh_outcome")
+        return n
+
+    def _roll_back_to(self, savepoint: str, c: sqlite3.Connection, e: Exception) -> None:
+        "Undo a failed write back to `savepoint`; re-raise `e` if the store is busy or unavailable, or the tx is gone."
+        if not c.in_transaction: raise e
+        if isinstance(e, sqlite3.Error) and isinstance(self._wrap(e, "record outcomes"), (QueueBusy, QueueUnavailable)):
+            raise e
+        c.execute(f"ROLLBACK TO {savepoint}")
+
     def _finish(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
+        # An attempt's last recorded progress is committed with its outcome, and before it (the write is fenced).
+        if self._progress: self._write_progress(c, self._progress.peek([(o.id, o.attempt) for o in outcomes]))
         by_kind: dict[str, list[Outcome]] = {}
         for o in outcomes: by_kind.setdefault(o.kind, []).append(o)
         accepted = 0
@@ -299,24 +404,106 @@ class SQLiteStore:
             err = json.dumps({"type": "Cancelled", "message": msg})
             todo += [r[0] for r in c.execute(Q["cancel_children"], {"id": parent, "now": now, "error": err})]
 
-    def heartbeat(self, worker: str, lease: float) -> int:
+    def heartbeat(self, worker: str, lease: float, info: WorkerInfo | None = None) -> int:
+        "Extend the leases of `worker`'s jobs and note it is alive (registered again from `info` if forgotten)."
+        now = self.clock()
         with self._tx("renew leases") as c:
-            return c.execute(Q["heartbeat"], {"worker": worker, "lease_until": self.clock() + lease}).rowcount
+            n = c.execute(Q["heartbeat"], {"worker": worker, "lease_until": now + lease}).rowcount
+            if not c.execute(Q["worker_seen"], {"id": worker, "now": now}).rowcount and info is not None:
+                c.execute(Q["register_worker"], _worker_params(info, now))
+            return int(n)
 
     def expire(self) -> list[tuple[str, str]]:
+        """Take back the jobs of dead workers (a worker is dead once every lease it holds has expired): queued again,
+        or failed (`WorkerLost`) once out of attempts. A job that was running alone in its worker's process is
+        charged the attempt; jobs that ran beside others are not (they are excused), and all of them become suspect."""
         now = self.clock()
-        err = json.dumps({"type": "WorkerLost", "message": "the worker running this job stopped (its lease expired)"})
+        out: list[tuple[str, str]] = []
         with self._tx("requeue expired jobs") as c:
-            rows = [(r[0], r[1]) for r in c.execute(Q["expire"], {"now": now, "error": err,
-                                                                  "crash_attempts": CRASH_ATTEMPTS}).fetchall()]
-            for id, state in rows:
+            c.execute(Q["forget_workers"], {"now": now, "stale": WORKER_STALE_LEASES})
+            if c.execute(Q["expired"], {"now": now}).fetchone() is None: return out
+            running = c.execute(Q["running_jobs"], {"now": now}).fetchall()
+            live = {r[1] for r in running if not r[3] and r[1] is not None}
+            held = collections.Counter(r[2] for r in running)  # jobs running in each process
+            for seq, worker, process, expired in running:
+                if not expired or worker in live: continue
+                alone, beside = held[process] == 1, held[process] - 1
+                why = "alone: the attempt is charged" if alone else \
+                    f"beside {beside} other job(s): the attempt is not charged, and the job runs alone from now on"
+                err = json.dumps({"type": "WorkerLost", "message": f"the worker running this job stopped (its lease "
+                                                                   f"expired) while it ran {why}"})
+                p = {"seq": seq, "alone": int(alone), "now": now, "error": err, "crash_attempts": CRASH_ATTEMPTS}
+                if (row := c.execute(Q["expire"], p).fetchone()) is None: continue
+                out.append((row[0], row[1]))
+                _log_lost(row[0], row[2], row[1], row[3], alone, beside)
+            for id, state in out:
                 if state == "failed": self._cancel_chain(c, id, now)
-        if rows: self._committed()
-        return rows
+        if out: self._committed()
+        return out
+
+    # -- workers ---------------------------------------------------------------------------------
+    def register_worker(self, info: WorkerInfo) -> None:
+        "Record a worker as live (its `last_seen` is renewed by `heartbeat`)."
+        with self._tx("register a worker") as c: c.execute(Q["register_worker"], _worker_params(info, self.clock()))
+
+    def unregister_worker(self, id: str) -> None:
+        "Forget a worker that stopped cleanly."
+        with self._tx("unregister a worker") as c: c.execute(Q["unregister_worker"], {"id": id})
+
+    def workers(self) -> list[WorkerInfo]:
+        "Registered workers, live ones first (a worker silent for a few lease periods is not live)."
+        return [WorkerInfo(r[0], r[1], r[2], tuple(_json_list(r[3])), tuple(_json_list(r[4])), r[5], r[6], r[7], r[8],
+                          bool(r[9]))
+                for r in self._read(Q["workers"], {"now": self.clock(), "stale": WORKER_STALE_LEASES})]
+
+    def suspect_due(self, queues: Sequence[str], tasks: str | None = None) -> bool:
+        "A suspect job of these queues (and tasks, a JSON list) is due: it waits for a worker with nothing running."
+        return bool(self._read(Q["suspect"], {"now": self.clock(), "queues": json.dumps(list(queues)), "tasks": tasks}))
+
+    def running_workers(self) -> int:
+        "How many workers hold running jobs."
+        return int(self._read(Q["running_workers"])[0][0])
+
+    def waiting_by_task(self) -> list[tuple[str, str, int, int]]:
+        "(task, queue, due, scheduled) for every task and queue with jobs waiting for a worker."
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in self._read(Q["waiting_by_task"])]
 
     def set_progress(self, id: str, attempt: int, progress: str) -> bool:
+        "Write a running job's progress now; False when the attempt no longer holds the job."
         with self._tx("record progress") as c:
-            return c.execute(Q["progress"], {"id": id, "attempt": attempt, "progress": progress}).rowcount > 0
+            self._progress.drop((id, attempt))  # an older buffered value must not overwrite this one
+            ok = c.execute(Q["progress"], {"id": id, "attempt": attempt, "progress": progress}).rowcount > 0
+        if not ok: self._progress.stale([(id, attempt)])
+        return ok
+
+    def record_progress(self, id: str, attempt: int, progress: str) -> bool:
+        """Keep a running job's progress in memory, to be written by `flush_progress` or with the job's outcome
+        (latest value wins). Returns at once; False when a write already found the attempt stale."""
+        return self._progress.put((id, attempt), progress)
+
+    def progress_pending(self) -> int:
+        "How many attempts have progress waiting for `flush_progress`."
+        return len(self._progress)
+
+    def flush_progress(self) -> int:
+        "Write every pending progress value in one transaction; returns how many were stored (not stale)."
+        if not self._progress: return 0
+        items: dict[tuple[str, int], str] = {}
+        try:
+            with self._tx("record progress") as c:
+                items = self._progress.take()  # under the store lock: an outcome commit sees the value or its write
+                stale = self._write_progress(c, items)
+        except BaseException:
+            self._progress.restore(items)
+            raise
+        self._progress.stale(stale)
+        return len(items) - len(stale)
+
+    def _write_progress(self, c: sqlite3.Connection, items: dict[tuple[str, int], str]) -> list[tuple[str, int]]:
+        "Write progress values (fenced by attempt and state); returns the attempts that no longer hold their job."
+        q = Q["progress"]
+        return [k for k, text in items.items()
+                if not c.execute(q, {"id": k[0], "attempt": k[1], "progress": text}).rowcount]
 
     def cancel(self, id: str) -> bool:
         now = self.clock()
@@ -336,34 +523,102 @@ class SQLiteStore:
             return c.execute(Q["prune"], {"before": before, "limit": limit}).rowcount
 
     # -- reads -----------------------------------------------------------------------------------
+    # Rows may come from other versions of fh-tasks: `JobRecord.from_row` reads any row, and text that is not
+    # valid UTF-8 is decoded with replacement characters, so one odd row never fails a read of many.
+    def _records(self, sql: str, params: Any = ()) -> list[JobRecord]:
+        with self._lock:
+            c = self._connect()
+            try:
+                try: rows = c.execute(sql, params).fetchall()
+                except sqlite3.OperationalError as e:
+                    if "decode" not in str(e): raise
+                    c.text_factory = _lenient
+                    try: rows = c.execute(sql, params).fetchall()
+                    finally: c.text_factory = str
+            except sqlite3.Error as e: raise self._wrap(e, "read") from e
+        return [JobRecord.from_row(dict(r)) for r in rows]
+
     def get(self, id: str) -> JobRecord | None:
-        rows = self._read(Q["get"], {"id": id})
-        return JobRecord.from_row(dict(rows[0])) if rows else None
+        "The whole stored job (arguments and result included), or None."
+        return next(iter(self._records(Q["get"], {"id": id})), None)
+
+    def summary(self, id: str) -> JobRecord | None:
+        """The job without what a status page does not show, cheap to read whatever the task stored: its `args`
+        and `result` read as empty/None, its error as its type and message, long texts cut (see `summary` query)."""
+        return next(iter(self._records(Q["summary"], {"id": id})), None)
 
     def jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 100,
              offset: int = 0) -> list[JobRecord]:
+        "Jobs, newest first; state `unknown` selects the rows whose state this version does not know."
         where, params = [], []
-        if state: where.append("state = ?"); params.append(str(state))
+        if state == JobState.unknown: where.append(f"state NOT IN ({_KNOWN})")
+        elif state: where.append("state = ?"); params.append(str(state))
         if task: where.append("task = ?"); params.append(task)
         cond = "WHERE " + " AND ".join(where) if where else ""
         sql = f"SELECT * FROM fh_jobs {cond} ORDER BY seq DESC LIMIT ? OFFSET ?"
-        return [JobRecord.from_row(dict(r)) for r in self._read(sql, [*params, max(0, limit), max(0, offset)])]
+        return self._records(sql, [*params, max(0, limit), max(0, offset)])
 
     def counts(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self._read(Q["counts"])}
+        "Jobs per state; states this version does not know are counted as `unknown`."
+        out: dict[str, int] = {}
+        for state, n in self._read(Q["counts"]):
+            key = state if state in _STATES else JobState.unknown.value
+            out[key] = out.get(key, 0) + (n if isinstance(n, int) else 0)
+        return out
 
-    def next_due(self, queues: Sequence[str]) -> float | None:
-        "When the next waiting job of these queues is due (None: nothing waits)."
+    def next_due(self, queues: Sequence[str], tasks: str | None = None) -> float | None:
+        "When the next waiting job of these queues (and tasks, a JSON list) is due (None: nothing waits)."
         if not queues: return None
         row = self._read(_per_queue("next_due", "next_due_one", len(queues)),
-                         {f"q{i}": q for i, q in enumerate(queues)})
-        return None if not row or row[0][0] is None else float(row[0][0])
+                         {"tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}})
+        try: return None if not row or row[0][0] is None else float(row[0][0])
+        except (TypeError, ValueError): return None  # only rows whose run_at is not a time: none is ever due
 
     def finished_since(self, since: float) -> int:
         return int(self._read(Q["finished_since"], {"since": since})[0][0])
 
     def integrity(self) -> str:
         return str(self._read("PRAGMA quick_check")[0][0])
+
+    # -- job events (see store/feed.py) ------------------------------------------------------------
+    def listen_events(self, listener: str, ttl: float) -> int:
+        "Register (or renew) an event listener for `ttl` seconds; returns the last event's seq."
+        with self._tx("register an event listener") as c:
+            c.execute(Q["listen_events"], {"id": listener, "until": self.clock() + ttl})
+            return int(c.execute(Q["last_event"]).fetchone()[0])
+
+    def unlisten_events(self, listener: str) -> None:
+        with self._tx("unregister an event listener") as c: c.execute(Q["unlisten_events"], {"id": listener})
+
+    def feed(self) -> SQLiteFeed:
+        "An event feed over this store (the engine's `EventBus` starts it while somebody listens)."
+        return SQLiteFeed(self)
+
+    def prune_events(self, keep: int = 100_000, max_age: float = 3600.0) -> int:
+        "Forget events beyond the newest `keep` and older than `max_age` seconds, and listeners that died."
+        now = self.clock()
+        with self._tx("prune job events") as c:
+            c.execute(Q["expire_listeners"], {"now": now})
+            return c.execute(Q["prune_events"], {"keep": keep, "before": now - max_age}).rowcount
+
+
+_STATES = frozenset(s.value for s in JobState if s is not JobState.unknown)
+_KNOWN = ", ".join(f"'{s}'" for s in sorted(_STATES))
+
+
+def _lenient(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def _escaped(b: bytes) -> str:
+    "Text that is not UTF-8 as a str with lone surrogates (which the worker refuses as a bad row)."
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _due_order(r: Any) -> tuple[float, float]:
+    "A claimed row's (run_at, seq), whatever they hold: sorting claims never raises."
+    def num(v: Any) -> float: return float(v) if isinstance(v, (int, float)) else math.inf
+    return num(r[8]), num(r[9])
 
 
 @functools.lru_cache(maxsize=64)
@@ -372,6 +627,26 @@ def _per_queue(outer: str, inner: str, n: int) -> str:
     return Q[outer].replace("{due}", " UNION ALL ".join(Q[inner].replace("{i}", str(i)) for i in range(n)))
 
 
-def _statements(script: str) -> list[str]:
-    body = "\n".join(l for l in script.splitlines() if not l.lstrip().startswith("--"))
-    return [s.strip() for s in body.split(";") if s.strip()]
+def _log_lost(id: str, task: Any, state: str, charged: Any, alone: bool, beside: int) -> None:
+    "Every job taken back from a dead worker is logged: failed, charged the attempt, or excused."
+    extra = {"action": "fail" if state == "failed" else "lost", "job_id": id}
+    if state == "failed":
+        log.warning("job %s (%s) failed (WorkerLost): its worker died under it; %s attempt(s) charged", id, task,
+                    charged, extra=extra)
+    elif alone:
+        log.warning("job %s (%s): its worker died while running it alone; queued again, attempt charged (%s so far)",
+                    id, task, charged, extra=extra)
+    else:
+        log.warning("job %s (%s): its worker died while running it beside %d other job(s); queued again, attempt not "
+                    "charged; it will run alone", id, task, beside, extra=extra)
+
+
+def _worker_params(w: WorkerInfo, now: float) -> dict[str, Any]:
+    return {"id": w.id, "host": w.host, "pid": w.pid, "queues": json.dumps(list(w.queues)),
+            "tasks": json.dumps(list(w.tasks)), "concurrency": w.concurrency, "lease": w.lease, "now": now}
+
+
+def _json_list(text: Any) -> list[str]:
+    try: v = json.loads(text)
+    except (TypeError, ValueError): return []
+    return [str(x) for x in v] if isinstance(v, list) else []

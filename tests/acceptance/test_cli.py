@@ -148,7 +148,8 @@ def test_retry_and_cancel(store):
 
 def test_retry_failed_requeues_every_failed_job(store):
     db = store["db"]
-    SQLiteStore(db).enqueue([NewJob(id=f"bad{i}", task="gone:task", args="{}") for i in range(3)])
+    SQLiteStore(db).enqueue([NewJob(id=f"bad{i}", task="jobsapp:login", args='{"args": ["ada", "pw"]}')
+                             for i in range(3)])
     assert start_worker("jobsapp:tasks", store["dir"], store["env"], "--burst").wait(30) == 0
     assert rows(db, "SELECT count(*) FROM fh_jobs WHERE state='failed'") == [(4,)]
     out = run(store, "retry", "--failed", "--db", db)

@@ -130,13 +130,14 @@ def test_a_job_that_kills_its_worker_ends_failed_after_its_attempts(app_dir, db,
         wait_for(lambda: all_in(db, [kill, exit_], "failed") and all_in(db, ok, "succeeded"), timeout=60,
                  what="poison jobs failed and the others succeeded")
         assert stop(sup) == 0
-    # Then each poison job ended failed as a lost worker after 3 attempts (retries=2, and the floor for lost workers
-    # with retries=0), and the rest succeeded
-    got = {r[0]: r[1:] for r in rows(db, "SELECT id, attempts, error FROM fh_jobs WHERE id IN (?, ?)", [kill, exit_])}
+    # Then each poison job ended failed as a lost worker after 3 charged attempts (retries=2, and the floor for lost
+    # workers with retries=0), and the rest succeeded
+    got = {r[0]: r[1:] for r in rows(db, "SELECT id, attempts - excused, error FROM fh_jobs WHERE id IN (?, ?)",
+                                     [kill, exit_])}
     assert got[kill][0] == 3 and got[exit_][0] == 3
     for _, error in got.values(): assert json.loads(error)["type"] == "WorkerLost"
-    # (a worker killed while holding both poison jobs charges both: at least 3 deaths for poison_kill's 3 attempts)
-    assert log.read_text().count("starting another") >= 3, log.read_text()
+    # (an attempt is charged only to a job that ran alone in the worker that died: 3 lone deaths for each)
+    assert log.read_text().count("starting another") >= 6, log.read_text()
 
 
 def test_sigterm_lets_running_jobs_finish_and_gives_the_rest_back(app_dir, db, tmp_path):
@@ -216,10 +217,11 @@ def test_corrupt_and_hostile_rows_fail_alone(app_dir, db, tmp_path):
     assert w.wait(30) == 0
     # Then each bad row failed with a clear stored error, and the worker ran the others
     errors = {k: json.loads(e) for k, e in rows(db, "SELECT id, error FROM fh_jobs WHERE state='failed'")}
-    assert set(errors) == set(bad)
+    assert set(errors) == set(bad) - {"unknown"}
     assert errors["broken"]["type"] == "DecodeError" and "cannot be decoded" in errors["broken"]["message"]
     assert errors["shape"]["type"] == "DecodeError"
-    assert errors["unknown"]["type"] == "UnknownTask" and "'os:system'" in errors["unknown"]["message"]
+    # (a task this worker does not know stays queued, untouched, for a worker that does)
+    assert rows(db, "SELECT state, attempts, error FROM fh_jobs WHERE id='unknown'") == [("queued", 0, None)]
     assert errors["misfit"]["type"] == "TypeError" and "nope" in errors["misfit"]["message"]
     assert all_in(db, good, "succeeded")
     assert not Path("/tmp/pwned").exists()

@@ -143,10 +143,14 @@ def write_modules(dir: Path) -> Path:
 
 
 def make_db(path: Path) -> str:
-    "A job store file holding the witness table (the store creates its own tables on first use)."
-    with sqlite3.connect(path) as c:
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute(WITNESS)
+    "A job store file that also holds the witness table (made after the store's own: a store adopts no other file)."
+    from fh_tasks.store.sqlite import SQLiteStore
+    store = SQLiteStore(path)
+    store.counts()
+    store.close()
+    c = sqlite3.connect(path)
+    c.execute(WITNESS)
+    c.close()
     return str(path)
 
 

@@ -317,7 +317,7 @@ def test_schema_version_mismatch_is_a_clear_error(db, clock):
     with sqlite3.connect(db) as c: c.execute("UPDATE fh_meta SET value = '99' WHERE key = 'schema_version'")
     # When a store opens it, Then it refuses with both versions named
     s = SQLiteStore(db, clock=clock)
-    with pytest.raises(StoreError, match=f"schema version 99; this fh-tasks expects {SCHEMA_VERSION}"):
+    with pytest.raises(StoreError, match=f"newer fh-tasks: schema 99, this version knows up to {SCHEMA_VERSION}"):
         s.counts()
 
 

@@ -1,0 +1,112 @@
+"""The engine boundary: what the `Tasks` hub needs from whatever stores and runs its jobs.
+
+An engine stores the jobs a request deferred (all or none, before the response), reads and manages them,
+announces their changes as events and runs their workers. It declares what it can do in `Capabilities`,
+typed and explicit: the hub and the UI check a capability and say clearly when it is missing, they never
+probe an engine with `hasattr`. The embedded engine is `fh_tasks.engines.sqlite.SQLiteEngine`;
+docs/architecture.md maps Celery and Dramatiq onto the same interface.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import Unsupported
+
+if TYPE_CHECKING:
+    from .events import EventBus
+    from .hub import Tasks
+    from .records import JobRecord, NewJob
+
+__all__ = ["Capabilities", "Engine", "EngineWorker"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    "What an engine can do. Each flag is a promise the contract suite (tests/engines) checks."
+    listing: bool = False            #: `tasks.jobs()` and `tasks.counts()` list and count every stored job
+    progress: bool = False           #: `current_job().progress(...)` is stored and shown
+    events: bool = False             #: job events reach subscribers in every process (`tasks.subscribe`)
+    cancel_queued: bool = False      #: `tasks.cancel(id)` on a job that has not started
+    cancel_running: bool = False     #: `tasks.cancel(id)` on a running job
+    retry: bool = False              #: `tasks.retry(id)` runs a failed or cancelled job again
+    delay: bool = False              #: `with_options(delay=...)` runs a job later
+    chains: bool = False             #: `fh_tasks.BackgroundTasks` runs jobs in order
+    priorities: bool = False         #: a job's priority decides which queued job runs first
+    cron: bool = False               #: periodic tasks fire once per slot
+    async_tasks: bool = False        #: `async def` tasks
+    process_pool: bool = False       #: `@tasks.task(process=True)`
+    in_process_workers: bool = False  #: workers can run inside the web app's process (`Tasks(workers=N)`)
+    burst: bool = False              #: a worker can run until nothing is due (`fh_tasks.testing.drain`)
+
+    def require(self, name: str, engine: str, doing: str) -> None:
+        "Raise `Unsupported` naming the engine and what was asked unless capability `name` is there."
+        if name not in {f.name for f in fields(self)}: raise ValueError(f"no engine capability named {name!r}")
+        if not getattr(self, name):
+            raise Unsupported(f"the {engine} engine cannot {doing} (capability {name!r} is missing)")
+
+
+class EngineWorker(Protocol):
+    "A worker an engine starts for `fh-tasks worker`: run until stopped."
+
+    processed: int
+
+    async def run(self) -> None:
+        "Serve jobs until `stop()` (or, for a burst worker, until nothing is due)."
+
+    def stop(self, now: bool = False) -> None:
+        "Stop claiming; running jobs get the grace period (`now`: give them back at once). Safe from a signal."
+
+
+class Engine(Protocol):
+    """Stores and runs a hub's jobs. Every method may raise `StoreError` subclasses when storage fails.
+
+    Delivery is at-least-once: a job whose worker dies runs again, under the same id.
+    """
+
+    #: Short name shown in errors and in the UI ("sqlite", "celery", "dramatiq").
+    name: str
+    capabilities: Capabilities
+    #: The engine's job events; `bus.available` is False when it announces none.
+    bus: EventBus
+
+    def bind(self, hub: Tasks) -> None:
+        "Called once by the hub that owns this engine: its registry names the tasks workers may run."
+
+    def submit(self, jobs: Sequence[NewJob]) -> None:
+        "Store `jobs` in one transaction (all or none): `defer()` outside a request."
+
+    async def submit_request(self, jobs: Sequence[NewJob]) -> None:
+        "Store the jobs one request deferred, all or none, before its response starts."
+
+    def get(self, id: str) -> JobRecord | None:
+        "The job with this id, or None."
+
+    def jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 100,
+             offset: int = 0) -> list[JobRecord]:
+        "Jobs, newest first, filtered by state and task (capability `listing`)."
+
+    def counts(self) -> dict[str, int]:
+        "Number of jobs per state (capability `listing`)."
+
+    def cancel(self, id: str) -> bool:
+        "Cancel a job (and the rest of its chain); True when it was cancelled."
+
+    def retry(self, id: str) -> bool:
+        "Queue a failed or cancelled job again with fresh attempts; True when it was requeued."
+
+    def prune(self, before: float) -> int:
+        "Delete finished jobs that finished before `before` (Unix seconds); returns how many."
+
+    async def start(self) -> None:
+        "Start the in-process workers on the running loop (the app's lifespan calls this)."
+
+    async def stop(self) -> None:
+        "Stop them: running jobs get the grace period, the rest go back to the queue."
+
+    def worker(self, **options: Any) -> EngineWorker:
+        "A worker for `fh-tasks worker` (or a burst worker with `burst=True`), with the hub's settings by default."
+
+    def close(self) -> None:
+        "Release connections and threads."
