@@ -1,7 +1,7 @@
-"""fh-tasks: durable background tasks for FastHTML, on an embedded SQLite queue."""
-from .app import Tasks
+"""fh-tasks: durable background tasks for FastHTML, on an embedded SQLite queue or on Celery and Dramatiq."""
 from .chain import BackgroundTasks
 from .context import JobContext, current_job
+from .engine import Capabilities, Engine
 from .errors import (
     ArgumentError,
     FhTasksError,
@@ -14,8 +14,13 @@ from .errors import (
     StoreError,
     TaskNotRegistered,
     TaskTimeout,
+    Unsupported,
 )
-from .job import Job, JobRecord, JobState
+from .events import JobEvent
+from .hooks import Decision, Hook
+from .hub import Tasks
+from .job import Job
+from .records import JobRecord, JobState
 from .task import Task
 from .ui.status import JobStatus
 
@@ -26,7 +31,9 @@ __all__ = [
     "Tasks", "Task", "BackgroundTasks",
     # Jobs
     "Job", "JobRecord", "JobState", "JobContext", "current_job", "JobStatus",
+    # Events, hooks and engines
+    "JobEvent", "Hook", "Decision", "Engine", "Capabilities",
     # Errors and control flow
     "FhTasksError", "ArgumentError", "PayloadTooLarge", "TaskNotRegistered", "StoreError", "QueueUnavailable",
-    "QueueBusy", "JobFailed", "JobCancelled", "TaskTimeout", "Retry",
+    "QueueBusy", "JobFailed", "JobCancelled", "TaskTimeout", "Retry", "Unsupported",
 ]

@@ -30,7 +30,7 @@ class BackgroundTasks(_StarletteTasks):
             name = getattr(func, "__qualname__", repr(func))
             raise TypeError(f"{name} is not a registered task: decorate it with @tasks.task to run it durably")
         prev = self.jobs[-1].id if self.jobs else None
-        job = func.hub._defer(func.new_job(args, kwargs, replace(func.options), parent=prev))
+        job = func.hub.enqueue(func.new_job(args, kwargs, replace(func.options), parent=prev), func)
         self.jobs.append(job)
         self.tasks.append(job)
 

@@ -21,14 +21,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .app import DEFAULT_DB, Tasks
 from .errors import StoreError
-from .job import JobRecord, JobState
+from .hub import DEFAULT_DB, Tasks
 from .logs import EscapingFormatter, escape
+from .records import JobRecord, JobState
 from .redact import REDACTED, is_secret_key, redact, redact_text
+
+if TYPE_CHECKING:
+    from .store.sqlite import SQLiteStore
 
 __all__ = ["main", "load_target", "redact", "parse_duration"]
 
@@ -173,8 +176,8 @@ def _hub(args: argparse.Namespace) -> Tasks:
     if args.app:
         hub = load_target(args.app)
         if args.db: _use_db(hub, args.db, readonly=readonly, create=False)
-        elif isinstance(hub.store, SQLiteStore) and not hub.store.memory:
-            _use_db(hub, hub.store.path, readonly=readonly, create=False)
+        elif (store := _sqlite(hub)) is not None and not store.memory:
+            _use_db(hub, store.path, readonly=readonly, create=False)
         return hub
     path = args.db or DEFAULT_DB
     if not os.path.exists(path):
@@ -182,11 +185,19 @@ def _hub(args: argparse.Namespace) -> Tasks:
     return Tasks(store=SQLiteStore(path, readonly=readonly, create=False), workers=0, retention=None)
 
 
+def _sqlite(hub: Tasks) -> SQLiteStore | None:
+    "The hub's SQLite store, or None on another engine."
+    from .engines.sqlite import SQLiteEngine
+    return hub.engine.store if isinstance(hub.engine, SQLiteEngine) else None
+
+
 def _use_db(hub: Tasks, path: str, *, readonly: bool = False, create: bool = True) -> None:
+    "Point the hub's SQLite engine at the store file `path` (`--db`)."
+    from .engines.sqlite import SQLiteEngine
     from .store.sqlite import SQLiteStore
-    hub.store = SQLiteStore(path, durability=getattr(hub.store, "durability", "normal"), readonly=readonly,
-                            create=create)
-    hub.store.on_commit.append(hub._wake)
+    if not isinstance(hub.engine, SQLiteEngine):
+        raise CliError(f"--db names a SQLite store, but {hub.engine.name!r} is this hub's engine")
+    hub.engine.use_store(SQLiteStore(path, durability=hub.settings.durability, readonly=readonly, create=create))
 
 
 # -- worker ----------------------------------------------------------------------------------------
@@ -196,7 +207,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     hub = load_target(args.app)
     if args.db: _use_db(hub, args.db)
-    try: hub.store.expire()  # opens the store now: a missing directory or read-only file fails here, clearly
+    try:  # opens the store now: a missing directory or read-only file fails here, clearly
+        if (store := _sqlite(hub)) is not None: store.expire()
     except StoreError as e: raise CliError(str(e)) from None
     if args.processes > 1: return _supervise(args)
     opts: dict[str, Any] = {k: v for k, v in (("concurrency", args.concurrency), ("queues", args.queues),
@@ -326,7 +338,7 @@ def _error_line(r: JobRecord) -> str:
 
 def _record(hub: Tasks, id: str) -> JobRecord:
     rec = hub.get(id)
-    if rec is None: raise CliError(f"no job {id!r} in {getattr(hub.store, 'path', 'the store')}")
+    if rec is None: raise CliError(f"no job {id!r} in {(store := _sqlite(hub)) and store.path or 'the store'}")
     return rec
 
 
@@ -415,17 +427,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     rows = [(s, counts.get(s, 0)) for s in known]
     rows += [(f"unknown:{_clean(s)}", n) for s, n in counts.items() if s not in known]  # written behind fh-tasks' back
     print(table(("STATE", "JOBS"), rows + [("total", sum(counts.values()))]))
-    since = getattr(hub.store, "finished_since", None)
-    if since is not None:
-        n = since(time.time() - 60)
+    if (store := _sqlite(hub)) is not None:
+        n = store.finished_since(time.time() - 60)
         print(f"\nfinished in the last minute: {n} ({n / 60:.1f} jobs/s)")
-    holding = getattr(hub.store, "running_workers", None)
-    if holding is not None: print(f"workers with running jobs: {holding()}")
-    if (registered := getattr(hub.store, "workers", None)) is not None: _workers_and_orphans(hub, registered())
+        print(f"workers with running jobs: {store.running_workers()}")
+        _workers_and_orphans(store, store.workers())
     return 0
 
 
-def _workers_and_orphans(hub: Tasks, workers: list[Any]) -> None:
+def _workers_and_orphans(store: SQLiteStore, workers: list[Any]) -> None:
     "Live workers, then every task with jobs waiting that no live worker can run (they stay queued until one can)."
     live, now = [w for w in workers if w.live], time.time()
     silent = f" ({len(workers) - len(live)} silent, ignored)" if len(workers) > len(live) else ""
@@ -434,7 +444,7 @@ def _workers_and_orphans(hub: Tasks, workers: list[Any]) -> None:
         print(table(("WORKER", "QUEUES", "CONCURRENCY", "TASKS", "SEEN"),
                     [(w.id, ",".join(w.queues), w.concurrency, len(w.tasks), f"{max(0.0, now - w.last_seen):.0f}s ago")
                      for w in live], (48, 40, 11, 5, 10)))
-    for task, queue, due, later in hub.store.waiting_by_task():
+    for task, queue, due, later in store.waiting_by_task():
         if any(task in w.tasks and queue in w.queues for w in live): continue
         when = f"{due} queued" + (f", {later} scheduled" if later else "")
         print(f"no live worker runs task {_clean(task)} (queue {_clean(queue)}): {when}")
@@ -443,7 +453,7 @@ def _workers_and_orphans(hub: Tasks, workers: list[Any]) -> None:
 def cmd_wait(args: argparse.Namespace) -> int:
     "Wait until no job is queued, running, retrying or waiting; a progress bar goes to stderr."
     hub = _hub(args)
-    since = getattr(hub.store, "finished_since", None)
+    since = store.finished_since if (store := _sqlite(hub)) is not None else None
     start, shown, tty = time.time(), 0.0, sys.stderr.isatty()
     while True:
         counts = hub.counts()

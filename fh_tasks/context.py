@@ -3,14 +3,18 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .encoding import encode_progress
 
-if TYPE_CHECKING:
-    from .store import Store
+__all__ = ["JobContext", "current_job", "ProgressSink"]
 
-__all__ = ["JobContext", "current_job"]
+
+class ProgressSink(Protocol):
+    "Where an engine keeps a running job's progress (the SQLite store; a broker engine's status store)."
+
+    def record_progress(self, id: str, attempt: int, progress: str) -> bool:
+        "Keep the attempt's latest progress (JSON text) to be written soon; False once the attempt is known stale."
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class JobContext:
     task: str
     attempt: int
     max_attempts: int
-    store: Store | None = None
+    store: ProgressSink | None = None
 
     def progress(self, value: Any) -> bool:
         """Record progress (any JSON value, e.g. `{'done': 3, 'total': 10}`), shown by status pages.
@@ -30,13 +34,11 @@ class JobContext:
         committed with its outcome (a pool process writes it before handing the outcome back). Returns True when the
         value was kept; False when it will never be stored: no store, or a write already found that this attempt no
         longer holds the job (it ended, timed out, or was taken back). A stale attempt may still get True until the
-        next write notices. A store without `record_progress` is written at once.
+        next write notices.
         """
         text = encode_progress(value)
         if self.store is None: return False
-        record = getattr(self.store, "record_progress", None)
-        if record is None: return bool(self.store.set_progress(self.id, self.attempt, text))
-        return bool(record(self.id, self.attempt, text))
+        return bool(self.store.record_progress(self.id, self.attempt, text))
 
 
 _current: ContextVar[JobContext | None] = ContextVar("fh_tasks_job", default=None)

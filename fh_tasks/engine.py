@@ -8,9 +8,10 @@ docs/architecture.md maps Celery and Dramatiq onto the same interface.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import Unsupported
 
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
     from .hub import Tasks
     from .records import JobRecord, NewJob
 
-__all__ = ["Capabilities", "Engine", "EngineWorker"]
+__all__ = ["Capabilities", "Engine", "EngineWorker", "EngineSettings", "DEFAULT_DB"]
+
+#: Default database file of the SQLite engine (and the broker engines' outbox), relative to the working directory.
+DEFAULT_DB = "fh_tasks.db"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,24 @@ class Capabilities:
         if name not in {f.name for f in fields(self)}: raise ValueError(f"no engine capability named {name!r}")
         if not getattr(self, name):
             raise Unsupported(f"the {engine} engine cannot {doing} (capability {name!r} is missing)")
+
+
+@dataclass
+class EngineSettings:
+    """The `Tasks(...)` settings an engine is made with (`fh_tasks.engines.make`); each engine uses what applies.
+    The hub and its engine share one object (`fh_tasks.testing.eager` switches `eager` on for both)."""
+    db: str = DEFAULT_DB                  #: the SQLite file (the store, or a broker engine's outbox)
+    broker: str | None = None             #: a broker engine's broker URL (redis://, amqp://)
+    status: str | None = None             #: a broker engine's status store URL (Redis)
+    durability: Literal["normal", "full"] = "normal"
+    workers: int = 1                      #: in-process workers started with the app
+    concurrency: int = 8                  #: jobs one worker runs at once
+    queues: tuple[str, ...] | None = None  #: queues workers serve (None: every registered task's queue)
+    lease: float = 30.0
+    poll_interval: float = 0.1
+    grace: float = 10.0
+    eager: bool = False                   #: run each job inline when it is stored (tests)
+    clock: Callable[[], float] = time.time
 
 
 class EngineWorker(Protocol):
@@ -83,6 +105,9 @@ class Engine(Protocol):
     def get(self, id: str) -> JobRecord | None:
         "The job with this id, or None."
 
+    def summary(self, id: str) -> JobRecord | None:
+        "The job without its arguments and result (what a status page shows), or None."
+
     def jobs(self, *, state: str | None = None, task: str | None = None, limit: int = 100,
              offset: int = 0) -> list[JobRecord]:
         "Jobs, newest first, filtered by state and task (capability `listing`)."
@@ -104,6 +129,9 @@ class Engine(Protocol):
 
     async def stop(self) -> None:
         "Stop them: running jobs get the grace period, the rest go back to the queue."
+
+    def runs_on_current_loop(self) -> bool:
+        "True when one of this process's workers runs on the running event loop (a blocking wait would stall it)."
 
     def worker(self, **options: Any) -> EngineWorker:
         "A worker for `fh-tasks worker` (or a burst worker with `burst=True`), with the hub's settings by default."

@@ -79,6 +79,7 @@ class Hooks:
 
     def __init__(self, hooks: Iterable[Hook] = ()) -> None:
         self._hooks: list[Hook] = []
+        self._by_method: dict[str, list[Hook]] = {}  # `overriding` answers, per method (the job path asks often)
         for h in hooks: self.add(h)
 
     def __iter__(self) -> Iterator[Hook]:
@@ -94,6 +95,7 @@ class Hooks:
             if name in self.options: raise ValueError(f"two hooks declare the task option {name!r}")
         at = next((i for i, h in enumerate(self._hooks) if before and isinstance(h, before)), len(self._hooks))
         self._hooks.insert(at, hook)
+        self._by_method.clear()
 
     @property
     def options(self) -> dict[str, Callable[[Any], Any]]:
@@ -102,8 +104,10 @@ class Hooks:
 
     def overriding(self, method: str) -> list[Hook]:
         "The hooks that override `method` (so a caller can skip work nobody listens for)."
-        base = _BASE[method]
-        return [h for h in self._hooks if getattr(type(h), method) is not base]
+        if (found := self._by_method.get(method)) is None:
+            base = _BASE[method]
+            found = self._by_method[method] = [h for h in self._hooks if getattr(type(h), method) is not base]
+        return found
 
     def emit(self, method: str, *args: Any) -> None:
         "Call `method` on every hook that overrides it, in order; an exception is logged and skipped."

@@ -46,13 +46,9 @@ class RetryPolicy:
 class Retries(Hook):
     """The built-in retry rule, as a hook: a failed attempt runs again while the job has attempts left, after
     the task's backoff or the delay a `Retry(delay=...)` asked for. Add a hook before it to decide otherwise
-    (e.g. never retry a `ValueError`)."""
-
-    def __init__(self, *, immediate: bool = False) -> None:
-        self.immediate = immediate  # eager mode and `testing.drain`: no backoff waits
+    (e.g. never retry a `ValueError`). Eager mode and `testing.drain` skip the waits."""
 
     def on_failure(self, job: JobContext, task: Task[Any, Any], error: BaseException) -> Decision | None:
         if job.attempt >= job.max_attempts: return Decision(retry=False)
-        if self.immediate: return Decision(retry=True, delay=0.0)
         if isinstance(error, Retry) and error.delay is not None: return Decision(retry=True, delay=error.delay)
         return Decision(retry=True, delay=task.policy.backoff(job.attempt))

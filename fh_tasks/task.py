@@ -6,16 +6,16 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .encoding import encode_args
 from .job import Job
+from .records import NewJob
 from .retry import RetryPolicy
-from .store import NewJob
 
 if TYPE_CHECKING:
-    from .app import Tasks
+    from .hub import Tasks
 
 __all__ = ["Task", "TaskOptions", "registered", "task_name", "new_id"]
 
@@ -58,6 +58,8 @@ class TaskOptions:
     timeout: float | None = None
     delay: float = 0.0
     process: bool = False
+    #: options declared by the hub's hooks (`Hook.options`), already converted
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.queue, str) or not self.queue:
@@ -105,10 +107,18 @@ class Task(Generic[P, R]):
         Inside a request the job is stored when the response starts (not at all if the handler raises);
         elsewhere it is stored at once. Raises `ArgumentError` (a TypeError) naming a non-JSON argument.
         """
-        return self.hub._defer(self.new_job(args, kwargs, self.options))
+        return self.hub.enqueue(self.new_job(args, kwargs, self.options), self)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        "The value of a task option declared by a hook (`@tasks.task(name=value)`), or `default`."
+        return self.options.extra.get(name, default)
 
     def with_options(self, **options: Any) -> Deferrer[P]:
         "Options for one call: `task.with_options(delay=60, retries=5).defer(...)`."
+        allowed = {f.name for f in fields(TaskOptions)} - {"extra", "process"}
+        if (bad := sorted(set(options) - allowed)):
+            raise TypeError(f"{self.name}: unknown option(s) {', '.join(bad)} for one call; "
+                            f"with_options takes {', '.join(sorted(allowed))}")
         return Deferrer(self, replace(self.options, **options))
 
     def new_job(self, args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions,
@@ -131,4 +141,4 @@ class Deferrer(Generic[P]):
 
     def defer(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         "Queue a call with these options; see `Task.defer`."
-        return self.task.hub._defer(self.task.new_job(args, kwargs, self.options))
+        return self.task.hub.enqueue(self.task.new_job(args, kwargs, self.options), self.task)

@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import Tasks
+    from .hub import Tasks
 
 __all__ = ["drain", "eager"]
 
@@ -24,7 +24,7 @@ def drain(tasks: Tasks, *, timeout: float = 30.0, retries_now: bool = True, **wo
     With `retries_now` (the default) retry backoffs are skipped so retried jobs finish within the call.
     Safe to call from sync code and from inside a running event loop (it uses its own thread and loop).
     """
-    queues = tasks._every_queue()
+    queues = tasks.all_queues()
     w = tasks.worker(burst=True, eager=retries_now, queues=queues, poll_interval=0.001, **worker_kw)
     err: list[BaseException] = []
 
@@ -41,5 +41,5 @@ def drain(tasks: Tasks, *, timeout: float = 30.0, retries_now: bool = True, **wo
 
 def eager(tasks: Tasks) -> Tasks:
     "Switch a hub to eager mode (each job runs inline when it is stored) and return it."
-    tasks.eager = True
+    tasks.settings.eager = True
     return tasks

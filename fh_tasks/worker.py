@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, _current
 from .encoding import decode_args, encode_value, is_utf8, sql_value, storable_text
-from .errors import ArgumentError, PayloadTooLarge, QueueBusy, QueueUnavailable, Retry, TaskTimeout
+from .errors import ArgumentError, PayloadTooLarge, QueueBusy, QueueUnavailable, TaskTimeout
 from .executors import ProcessPool, call_in_thread, process_pool, thread_pool
 from .progress import FLUSH_EVERY
-from .store import Claim, Outcome, WorkerInfo
+from .records import Claim, Outcome, WorkerInfo
 
 if TYPE_CHECKING:
-    from .app import Tasks
+    from .engines.sqlite import SQLiteEngine
     from .task import Task
 
 __all__ = ["Worker"]
@@ -50,23 +50,25 @@ class _Run:
     timer: asyncio.TimerHandle | None = None
     settled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    ctx: JobContext | None = None
+    task: Task[Any, Any] | None = None
 
 
 class Worker:
-    """Runs jobs from a hub's store until stopped.
+    """The SQLite engine's worker: runs jobs from its store until stopped.
 
     Args:
-        hub: the `Tasks` whose registry names the runnable tasks.
+        engine: the `SQLiteEngine` whose store it serves and whose hub's registry names the runnable tasks.
         concurrency: jobs running at once (and threads for sync tasks).
         queues: queue names served.
         burst: stop once nothing is due (for tests and scripts).
     """
 
-    def __init__(self, hub: Tasks, *, concurrency: int = 8, queues: tuple[str, ...] = ("default",),
+    def __init__(self, engine: SQLiteEngine, *, concurrency: int = 8, queues: tuple[str, ...] = ("default",),
                  lease: float = 30.0, poll_interval: float = 0.1, grace: float = 10.0, burst: bool = False,
                  eager: bool = False, name: str | None = None) -> None:
         if concurrency < 1: raise ValueError(f"concurrency must be >= 1, not {concurrency}")
-        self.hub, self.store = hub, hub.store
+        self.engine, self.store, self.hooks = engine, engine.store, engine.hooks
         self.concurrency, self.queues, self.lease = concurrency, tuple(queues), lease
         self.poll_interval, self.grace, self.burst, self.eager = poll_interval, grace, burst, eager
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -91,6 +93,11 @@ class Worker:
         self._tasks = (-1, "[]")   # (registry size, JSON list of the names of the tasks this worker can run)
 
     # -- control ---------------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        "The event loop the worker runs on, while it runs."
+        return self._loop
+
     def wake(self) -> None:
         "Tell the worker new jobs may be due (safe from any thread)."
         loop, ev = self._loop, self._wake
@@ -111,16 +118,17 @@ class Worker:
         "Serve jobs until `stop()` (or, in burst mode, until nothing is due)."
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         self._threads = thread_pool(self.concurrency)
-        self.hub._attach(self)
+        self.engine.attach(self)
         _in_process.add(self)
         upkeep = () if self.burst else (self._heartbeats(), self._checkpoints())
         side = [asyncio.ensure_future(c) for c in upkeep]
         side.append(asyncio.ensure_future(self._progress_flushes()))
-        if any(t.options.process and t.options.queue in self.queues for t in self.hub.registry.values()):
+        if any(t.options.process and t.options.queue in self.queues for t in self.engine.registry.values()):
             self._procs = process_pool()
             side.append(asyncio.ensure_future(self._procs.warm()))  # so the first process job need not wait
         bell = self._listen()
         self.log.debug("worker %s started on queues %s", self.id, ",".join(self.queues))
+        self.hooks.emit("on_worker_start", self)
         try:
             if not self.eager: self.store.register_worker(self.info())
             self.store.expire()
@@ -131,7 +139,8 @@ class Worker:
                 bell.close()
             await self._shutdown()  # leases stay renewed while running jobs get their grace period
             for t in side: t.cancel()
-            self.hub._detach(self)
+            self.engine.detach(self)
+            self.hooks.emit("on_worker_stop", self)
             _in_process.discard(self)
             if not self.eager:
                 try: self.store.unregister_worker(self.id)
@@ -142,9 +151,8 @@ class Worker:
 
     def _listen(self) -> Any:
         "Watch the store's doorbell, so other processes' new jobs wake this worker without waiting for a poll."
-        listen = getattr(self.store, "listen", None)
-        bell = listen() if listen is not None and not self.burst else None
-        if bell is not None and self._loop is not None and self._wake is not None:
+        bell = self.store.listen() if not self.burst else None
+        if bell is not None and bell.listening is not None and self._loop is not None and self._wake is not None:
             wake = self._wake
 
             def rung() -> None:
@@ -156,7 +164,7 @@ class Worker:
 
     async def _serve(self) -> None:
         assert self._wake is not None
-        seen = self.store.data_version() if hasattr(self.store, "data_version") else 0
+        seen = self.store.data_version()
         while not self._stopping:
             self._wake.clear()
             asked, got = self._round()
@@ -167,7 +175,7 @@ class Worker:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
                 except asyncio.TimeoutError:
-                    v = self.store.data_version() if hasattr(self.store, "data_version") else seen + 1
+                    v = self.store.data_version()
                     if v != seen or self._due_soon(): seen = v; break
                     if self.burst and not self.running: break
 
@@ -197,8 +205,7 @@ class Worker:
         for c in claims: self._start(c)
         self._backlog = len(claims) >= asked
         # Busy, nothing claimed: perhaps a suspect job waits for this worker to drain (then take no handoff either).
-        if asked and (due := getattr(self.store, "suspect_due", None)) is not None:
-            self._held = not claims and not alone and due(self.queues, self.task_names())
+        if asked: self._held = not claims and not alone and self.store.suspect_due(self.queues, self.task_names())
         return asked, len(claims)
 
     def _waits(self) -> bool:
@@ -207,7 +214,7 @@ class Worker:
 
     def task_names(self) -> str:
         "The names of the tasks this worker can run, as a JSON list: it claims only their jobs."
-        reg = self.hub.registry
+        reg = self.engine.registry
         if self._tasks[0] != len(reg): self._tasks = (len(reg), json.dumps(sorted(reg)))
         return self._tasks[1]
 
@@ -261,19 +268,16 @@ class Worker:
 
     def _idle_timeout(self) -> float:
         "Sleep until the next poll, or until a scheduled job or a retry falls due if that is sooner."
-        nd = getattr(self.store, "next_due", None)
         # A short poll finds due jobs soon enough on its own; a full worker is woken when a job ends, and so is one
         # that runs a suspect job alone or drains for one.
-        if nd is None or self.poll_interval <= 0.05 or len(self.running) >= self.concurrency or self._waits():
+        if self.poll_interval <= 0.05 or len(self.running) >= self.concurrency or self._waits():
             return self.poll_interval
-        t = nd(self.queues, self.task_names())
+        t = self.store.next_due(self.queues, self.task_names())
         return self.poll_interval if t is None else min(self.poll_interval, max(0.001, t - self.store.clock()))
 
     def _due_soon(self) -> bool:
-        nd = getattr(self.store, "next_due", None)
-        if nd is None: return True
         if self._waits(): return False
-        t = nd(self.queues, self.task_names())
+        t = self.store.next_due(self.queues, self.task_names())
         return t is not None and t <= self.store.clock()
 
     async def _heartbeats(self) -> None:
@@ -287,26 +291,22 @@ class Worker:
                 if now >= sweep_at:
                     sweep_at = now + max(1.0, self.lease / 2)
                     if self.store.expire(): self.wake()
-                    self.hub._maybe_prune()
+                self.hooks.emit("on_tick", self)
             except Exception:
                 self.log.exception("lease upkeep failed; will retry")
 
     async def _progress_flushes(self) -> None:
         "Write the progress tasks recorded (`current_job().progress`) in one transaction per interval, from a thread."
-        flush, pending = getattr(self.store, "flush_progress", None), getattr(self.store, "progress_pending", None)
-        if flush is None or pending is None: return
-        loop = asyncio.get_running_loop()
+        store, loop = self.store, asyncio.get_running_loop()
         while True:
             await asyncio.sleep(FLUSH_EVERY)
-            if not pending(): continue
-            try: await loop.run_in_executor(None, flush)
+            if not store.progress_pending(): continue
+            try: await loop.run_in_executor(None, store.flush_progress)
             except Exception: self.log.warning("could not record progress; will retry", exc_info=True)
 
     async def _checkpoints(self) -> None:
         "Checkpoint the WAL from a thread, off the commit path, so it stays small and commits stay cheap."
-        checkpoint = getattr(self.store, "checkpoint", None)
-        if checkpoint is None: return
-        loop = asyncio.get_running_loop()
+        checkpoint, loop = self.store.checkpoint, asyncio.get_running_loop()
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY)
             try: await loop.run_in_executor(None, checkpoint)
@@ -330,7 +330,7 @@ class Worker:
     def _launch(self, run: _Run) -> None:
         claim = run.claim
         if (bad := _bad_row(claim)): return self._reject(run, "BadRow", f"the stored job cannot be run: {bad}")
-        task = self.hub.registry.get(claim.task)
+        task = self.engine.registry.get(claim.task)
         if task is None:
             return self._reject(run, "UnknownTask", f"no task named {claim.task!r} is registered with this app")
         try:
@@ -338,8 +338,10 @@ class Worker:
         except ValueError as e:
             return self._reject(run, "DecodeError", f"stored arguments cannot be decoded: {e}")
         ctx = JobContext(claim.id, claim.task, claim.attempt, claim.max_attempts, self.store)
+        run.ctx, run.task = ctx, task
         loop = self._loop
         assert loop is not None
+        self.hooks.emit("before_run", ctx, task)
         if task.is_async:
             fut: asyncio.Future[Any] = asyncio.ensure_future(_run_async(ctx, task, args, kwargs))
         elif task.options.process:
@@ -407,19 +409,25 @@ class Worker:
             else: self._failed(run, task, TaskTimeout(f"{run.claim.task} was cancelled"))
         elif (exc := fut.exception()) is not None: self._failed(run, task, exc)
         else:
-            try: result = encode_value(fut.result(), "the result", self.hub.max_result)
+            try: result = encode_value(fut.result(), "the result", self.engine.max_result)
             except Exception as e:
                 if isinstance(e, PayloadTooLarge): why = f"{e} (Tasks(max_result=...))"
                 else: why = str(e) if isinstance(e, ArgumentError) else f"{type(e).__name__}: {_text(e)}"
                 self._reject(run, "ResultError", f"{run.claim.task} returned a value that cannot be stored: {why}")
-            else: self._settle(run, "succeed", result=result)
+            else:
+                if run.ctx is not None: self.hooks.emit("after_run", run.ctx, task, fut.result(), None)
+                self._settle(run, "succeed", result=result)
 
     def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:
+        "An attempt failed: the hooks decide (the built-in `Retries` hook: the task's backoff while attempts remain)."
         c = run.claim
         if isinstance(exc, _Exited) and exc.__cause__ is not None: exc = exc.__cause__
         error = _err(type(exc).__name__, _text(exc), _trace(exc))
-        if c.attempt < c.max_attempts:
-            d: Any = exc.delay if isinstance(exc, Retry) else None  # a delay that is not seconds: the backoff
+        ctx = run.ctx or JobContext(c.id, c.task, c.attempt, c.max_attempts, None)
+        self.hooks.emit("after_run", ctx, task, None, exc)
+        decision = self.hooks.decide(ctx, task, exc)
+        if decision.retry:
+            d: Any = decision.delay  # a delay that is not seconds: the backoff
             delay = max(0.0, float(d)) if _real(d) and math.isfinite(d) else task.policy.backoff(c.attempt)
             if self.eager: delay = 0.0
             self._log_failure(c, error["type"], error["message"], delay)

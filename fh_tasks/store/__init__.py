@@ -1,79 +1,16 @@
-"""The engine boundary: what the hub and the worker need from a job store.
+"""The store boundary of the SQLite engine: what its worker needs from a job store.
 
-`Tasks` and `Worker` speak only this protocol; `SQLiteStore` is the embedded implementation. Another backend
+`SQLiteEngine` and its `Worker` speak only this protocol; `SQLiteStore` implements it. Another backend
 implements the same calls, with the same fencing and at-least-once contract.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-from ..job import JobRecord
+from ..records import Claim, JobRecord, NewJob, Outcome, WorkerInfo
 
 __all__ = ["NewJob", "Claim", "Outcome", "WorkerInfo", "Store"]
-
-
-@dataclass(slots=True)
-class NewJob:
-    "A row to insert: a deferred call not yet stored."
-    id: str
-    task: str
-    args: str
-    queue: str = "default"
-    max_attempts: int = 1
-    timeout: float | None = None
-    run_at: float = 0.0
-    created_at: float = 0.0
-    parent: str | None = None
-
-    @property
-    def state(self) -> str:
-        if self.parent: return "waiting"
-        return "scheduled" if self.run_at > self.created_at else "queued"
-
-
-@dataclass(slots=True)
-class Claim:
-    """A job a worker holds under lease; `attempt` is its fencing token. `suspect`: it was running in a worker that
-    died, so it runs alone (its worker claims nothing beside it)."""
-    id: str
-    task: str
-    queue: str
-    args: str
-    attempt: int
-    max_attempts: int
-    timeout: float | None
-    created_at: float
-    started: float = 0.0
-    suspect: bool = False
-
-
-@dataclass(slots=True)
-class WorkerInfo:
-    "A worker as registered in the store: what it serves and when it was last seen (`live`: seen lately)."
-    id: str
-    host: str
-    pid: int
-    queues: tuple[str, ...]
-    tasks: tuple[str, ...]
-    concurrency: int
-    lease: float
-    started_at: float = 0.0
-    last_seen: float = 0.0
-    live: bool = True
-
-
-@dataclass(slots=True)
-class Outcome:
-    "How one attempt ended, recorded by `Store.finish`."
-    kind: Literal["succeed", "fail", "retry", "release"]
-    id: str
-    attempt: int
-    result: str | None = None
-    error: str | None = None
-    run_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Store(Protocol):

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from ..encoding import storable_text
 from ..errors import QueueBusy, QueueUnavailable, StoreError
-from ..job import JobRecord, JobState
 from ..progress import ProgressBuffer
+from ..records import JobRecord, JobState
 from . import Claim, NewJob, Outcome, WorkerInfo
 from .doorbell import Doorbell
 from .feed import SQLiteFeed

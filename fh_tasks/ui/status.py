@@ -15,7 +15,7 @@ from ..errors import StoreError
 from ..job import Job, JobRecord
 
 if TYPE_CHECKING:
-    from ..app import Tasks
+    from ..hub import Tasks
 
 __all__ = ["JobStatus", "status_routes", "mount_routes", "PREFIX", "HEADERS"]
 
@@ -43,8 +43,7 @@ def _progress(p: Any) -> Any:
 
 def _read(hub: Any, jid: str) -> JobRecord | None:
     "The job as a status page needs it: the store's `summary` (no arguments or result) where it has one."
-    read = getattr(hub.store, "summary", None) or hub.store.get
-    rec: JobRecord | None = read(jid)
+    rec: JobRecord | None = hub.summary(jid)
     return rec
 
 

@@ -325,7 +325,7 @@ def test_requests_succeed_while_an_outcome_cannot_be_stored(site, db, caplog):
     with TestClient(app) as client:
         tasks.counts()
         refuse_results(db, "poison", "ROLLBACK")
-        worker = tasks._own[0][0]
+        worker = tasks.engine._own[0][0]
         worker.linger = 1.0  # outcomes wait for the next commit: the next request's carries the refused one
         # When a request defers the job whose result is refused, and more requests follow while its outcome waits
         first = client.get("/go", params={"x": "poison"})

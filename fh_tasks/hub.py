@@ -1,0 +1,273 @@
+"""Tasks: the hub users create. It holds what the user declared (tasks, hooks, settings) and is the one place that
+knows the other parts: every call goes through it to the engine, which stores and runs the jobs."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from . import web
+from .encoding import MAX_PAYLOAD, MAX_RESULT
+from .engine import DEFAULT_DB, Engine, EngineSettings
+from .engines import make
+from .events import EventBus, JobEvent
+from .hooks import Hook, Hooks
+from .job import Job
+from .records import JobRecord, JobState, NewJob
+from .retention import DEFAULT_RETENTION, Retention
+from .retry import Retries
+from .store.sqlite import SQLiteStore
+from .task import Task, TaskOptions, _registry, task_name
+from .ui.status import PREFIX
+
+__all__ = ["Tasks", "DEFAULT_DB", "DEFAULT_RETENTION"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Tasks:
+    """Durable background tasks for a FastHTML (or Starlette) app.
+
+    Args:
+        app: the app to bind to (or call `init_app` later). Workers start and stop with its lifespan.
+        engine: "sqlite" (embedded, the default), "celery", "dramatiq", or an `Engine`.
+        broker: a broker engine's broker URL (`redis://...`, `amqp://...`).
+        status: a broker engine's status store URL (Redis; default: the broker's, if Redis).
+        db: the SQLite file (the store; a broker engine's outbox).
+        store: a `SQLiteStore` to use instead of `db`.
+        workers: in-process workers started with the app (0: none; run `fh-tasks worker` beside it).
+        concurrency: jobs one worker runs at once.
+        queues: queues the workers serve (default: `default` and every registered task's queue).
+        eager: run each job inline when it is stored (for tests).
+        durability: "normal" (survives process crashes) or "full" (fsync every commit, group commit).
+        lease: seconds a claimed job stays leased without a heartbeat before another worker may take it.
+        grace: seconds running jobs get to finish at shutdown before they go back to the queue.
+        retention: seconds finished jobs are kept (None: forever).
+        max_payload: limit on a job's encoded arguments, in bytes (`defer()` raises `PayloadTooLarge` above it).
+        max_result: limit on a job's encoded result, in bytes (a larger result fails the job with `ResultError`).
+        hooks: `Hook`s run around enqueueing and running jobs (before the built-in retries and retention).
+        prefix: where the app serves the hub's routes (`{prefix}/jobs/{id}/status`); None adds no routes.
+    """
+
+    def __init__(self, app: Any = None, *, engine: str | Engine = "sqlite", broker: str | None = None,
+                 status: str | None = None, db: str = DEFAULT_DB, store: SQLiteStore | None = None, workers: int = 1,
+                 concurrency: int = 8, queues: Sequence[str] | None = None, eager: bool = False,
+                 durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.1,
+                 grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
+                 max_result: int = MAX_RESULT, hooks: Iterable[Hook] = (), clock: Callable[[], float] = time.time,
+                 prefix: str | None = PREFIX) -> None:
+        if isinstance(max_result, bool) or not isinstance(max_result, int) or max_result < 1:
+            raise ValueError(f"max_result must be a whole number of bytes >= 1, not {max_result!r}")
+        if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ValueError(f"prefix must start with '/' and not end with one, not {prefix!r}")
+        self.settings = EngineSettings(db=db, broker=broker, status=status, durability=durability, workers=workers,
+                                       concurrency=concurrency, queues=tuple(queues) if queues else None, lease=lease,
+                                       poll_interval=poll_interval, grace=grace, eager=eager, clock=clock)
+        if store is not None:
+            if engine != "sqlite": raise ValueError("store= is a SQLiteStore: it needs engine='sqlite'")
+            from .engines.sqlite import SQLiteEngine
+            engine = SQLiteEngine(self.settings, store=store)
+        self.engine: Engine = make(engine, self.settings) if isinstance(engine, str) else engine
+        self.clock = clock
+        self.registry: dict[str, Task[Any, Any]] = {}
+        self.max_payload, self.max_result, self.prefix = max_payload, max_result, prefix
+        # User hooks first: their `on_failure` decides before the built-in retry rule.
+        self.hooks = Hooks([*hooks, Retries(), Retention(retention)])
+        self.app: Any = None
+        self._unhook: Callable[[], None] | None = None  # the `on_event` hooks' subscription, while started
+        self.engine.bind(self)
+        if app is not None: self.init_app(app)
+
+    @property
+    def bus(self) -> EventBus:
+        "The engine's job events (see `subscribe` and `events`)."
+        return self.engine.bus
+
+    @property
+    def store(self) -> SQLiteStore:
+        "The SQLite engine's store (other engines have none)."
+        store = getattr(self.engine, "store", None)
+        if not isinstance(store, SQLiteStore): raise AttributeError(f"the {self.engine.name} engine has no SQLiteStore")
+        return store
+
+    # -- registry --------------------------------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: None = None, /, *, name: str | None = None, queue: str = "default", retries: int = 0,
+             retry_delay: float = 1.0, timeout: float | None = None, process: bool = False,
+             **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
+             retries: int = 0, retry_delay: float = 1.0, timeout: float | None = None, process: bool = False,
+             **options: Any) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a task: `@tasks.task` or `@tasks.task(retries=3, timeout=30)`.
+
+        Args:
+            name: stored name (default `module:qualname`); keep it stable while jobs are queued.
+            queue: queue its jobs go to.
+            retries: further attempts after a failure, with exponential backoff from `retry_delay` seconds.
+            timeout: seconds an attempt may run before it counts as failed.
+            process: run in a process pool (CPU-bound sync functions).
+            **options: options declared by the hub's hooks (`Hook.options`); any other name is refused.
+        """
+        opts = TaskOptions(queue=queue, retries=retries, retry_delay=retry_delay, timeout=timeout, process=process,
+                           extra=self._hook_options(options))
+        caps = self.engine.capabilities
+        if process: caps.require("process_pool", self.engine.name, "run process=True tasks")
+
+        def register(f: Callable[P, R]) -> Task[P, R]:
+            if isinstance(f, Task): raise TypeError(f"{f.name} is already a registered task")
+            if not callable(f): raise TypeError(f"@tasks.task needs a function, not {type(f).__name__}")
+            t: Task[P, R] = Task(self, f, name or task_name(f), opts)
+            if t.is_async: caps.require("async_tasks", self.engine.name, f"run async task {t.name}")
+            old = self.registry.get(t.name)
+            same = old is None or old.fn is f or getattr(old.fn, "__code__", None) is getattr(f, "__code__", 0)
+            if not same:
+                raise ValueError(f"two different functions are registered as task {t.name!r}; pass name=")
+            self.registry[t.name] = t
+            _registry[t.name] = t
+            return t
+
+        return register(fn) if fn is not None else register
+
+    def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        "Task options the hooks declare, converted by their converters; an undeclared name is a TypeError."
+        declared = self.hooks.options
+        out = {}
+        for k, v in options.items():
+            if k not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                raise TypeError(f"unknown task option {k!r} (options declared by this hub's hooks: {known})")
+            try: out[k] = declared[k](v)
+            except (TypeError, ValueError) as e: raise ValueError(f"task option {k}={v!r}: {e}") from None
+        return out
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        "The queues workers serve: the ones given to `Tasks(queues=...)`, else `default` and every task's queue."
+        if self.settings.queues: return self.settings.queues
+        return tuple(sorted({"default"} | {t.options.queue for t in self.registry.values()}))
+
+    def all_queues(self) -> tuple[str, ...]:
+        "The served queues and every registered task's queue (eager mode and `testing.drain` run them all)."
+        return tuple(sorted({t.options.queue for t in self.registry.values()} | set(self.queues)))
+
+    # -- deferring -------------------------------------------------------------------------------
+    def enqueue(self, new: NewJob, task: Task[Any, Any]) -> Job:
+        """Store one job built by `task` (what `task.defer()` calls): in the current request's batch (stored when its
+        response starts), else at once. Hooks' `before_enqueue` may refuse it."""
+        if new.run_at > new.created_at: self.engine.capabilities.require("delay", self.engine.name, "delay a job")
+        if new.parent is not None: self.engine.capabilities.require("chains", self.engine.name, "chain jobs")
+        self.hooks.before_enqueue(new, task)
+        job = Job(self, new)
+        if not web.hold(job): self.store_jobs([job])
+        return job
+
+    def is_pending(self, job: Job) -> bool:
+        "True while `job` waits in the current request's batch for the response to start."
+        return web.holds(job)
+
+    def store_jobs(self, jobs: Sequence[Job]) -> None:
+        "Store these jobs now (those not stored yet), in one transaction."
+        rows = [j.new for j in jobs if not j.stored and not j.dropped]
+        if not rows: return
+        self.engine.submit(rows)
+        self._stored(jobs, rows)
+
+    async def store_request(self, jobs: Sequence[Job]) -> None:
+        "Store the jobs a request deferred, all or none, before its response starts (the web binding calls this)."
+        rows = [j.new for j in jobs if not j.stored and not j.dropped]
+        if not rows: return
+        await self.engine.submit_request(rows)
+        self._stored(jobs, rows)
+
+    def _stored(self, jobs: Sequence[Job], rows: list[NewJob]) -> None:
+        for j in jobs: j.stored = True
+        self.hooks.emit("after_enqueue", rows)
+
+    # -- reading and managing jobs ---------------------------------------------------------------
+    def get(self, id: str) -> JobRecord | None:
+        "The stored job with this id, or None."
+        return self.engine.get(id)
+
+    def summary(self, id: str) -> JobRecord | None:
+        "The stored job without its arguments and result (cheap: what a status page shows), or None."
+        return self.engine.summary(id)
+
+    def jobs(self, state: str | JobState | None = None, task: str | Task[Any, Any] | None = None,
+             limit: int = 100, offset: int = 0) -> list[JobRecord]:
+        "Stored jobs, newest first, optionally of one state and one task."
+        self.engine.capabilities.require("listing", self.engine.name, "list jobs")
+        if isinstance(task, Task): task = task.name
+        if state is not None: state = JobState(state).value
+        return self.engine.jobs(state=state, task=task, limit=limit, offset=offset)
+
+    def counts(self) -> dict[str, int]:
+        "Number of jobs in each state."
+        self.engine.capabilities.require("listing", self.engine.name, "count jobs")
+        return self.engine.counts()
+
+    def cancel(self, id: str) -> bool:
+        "Cancel a job that has not started (and the rest of its chain); True when it was cancelled."
+        self.engine.capabilities.require("cancel_queued", self.engine.name, "cancel jobs")
+        return self.engine.cancel(id)
+
+    def retry(self, id: str) -> bool:
+        "Queue a failed or cancelled job again, with fresh attempts; True when it was requeued."
+        self.engine.capabilities.require("retry", self.engine.name, "retry finished jobs")
+        return self.engine.retry(id)
+
+    def prune(self, older_than: float) -> int:
+        "Delete finished jobs that finished more than `older_than` seconds ago; returns how many."
+        return self.engine.prune(self.clock() - older_than)
+
+    # -- job events ------------------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[JobEvent], Any], *,
+                  jobs: Collection[str] | None = None) -> Callable[[], None]:
+        """Call `callback(event)` for every job change from now on, made by any process on this store (of `jobs`
+        only, if given). Returns a function that unsubscribes. Callbacks run in the event thread: keep them short."""
+        self.engine.capabilities.require("events", self.engine.name, "announce job events")
+        return self.bus.subscribe(callback, jobs=jobs)
+
+    async def events(self, jobs: Collection[str] | None = None, *,
+                     until_final: bool = False) -> AsyncIterator[JobEvent]:
+        """Stream job events as they happen: `async for ev in tasks.events([job.id], until_final=True)`.
+
+        With `until_final` the stream ends once every job in `jobs` is final, including jobs that already were."""
+        self.engine.capabilities.require("events", self.engine.name, "announce job events")
+
+        def final_now(ids: Collection[str]) -> set[str]:
+            return {i for i in ids if (r := self.summary(i)) is not None and r.done}
+
+        async for ev in self.bus.stream(jobs, until_final=until_final, final_now=final_now): yield ev
+
+    # -- workers ---------------------------------------------------------------------------------
+    def worker(self, **options: Any) -> Any:
+        "A worker for this hub (`fh-tasks worker` runs one), with the hub's settings unless overridden."
+        return self.engine.worker(**options)
+
+    async def start(self) -> None:
+        "Start the in-process workers on the running loop (the app's lifespan does this)."
+        await self.engine.start()
+        if self.hooks.overriding("on_event") and self._unhook is None:
+            self._unhook = self.subscribe(lambda ev: self.hooks.emit("on_event", ev))
+
+    async def stop(self) -> None:
+        "Stop the in-process workers: running jobs get the grace period, the rest go back to the queue."
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
+        await self.engine.stop()
+
+    def close(self) -> None:
+        "Release the engine's connections and threads."
+        self.engine.close()
+
+    # -- binding to an app -----------------------------------------------------------------------
+    def init_app(self, app: Any) -> None:
+        "Bind to a FastHTML/Starlette app: request-scoped job batches, the hub's routes, workers in the lifespan."
+        if self.app is not None: raise RuntimeError("this Tasks hub is already bound to an app")
+        web.bind(self, app)
+        self.app = app

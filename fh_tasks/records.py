@@ -1,0 +1,213 @@
+"""Records: the plain data of fh-tasks (a job's state, its stored record, the rows and outcomes the SQLite engine
+passes around). Nothing here imports Starlette, so engines, workers and tools can use it anywhere."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from .encoding import decode_args, decode_value
+from .errors import JobCancelled, JobFailed
+
+__all__ = ["JobState", "JobRecord", "NewJob", "Claim", "Outcome", "WorkerInfo"]
+
+
+class JobState(str, Enum):
+    "Where a job is in its life; stored as the lowercase value."
+    waiting = "waiting"      #: in an ordered chain, waiting for the previous job to succeed
+    scheduled = "scheduled"  #: deferred with a delay, not due yet
+    queued = "queued"        #: due, waiting for a worker
+    running = "running"      #: claimed by a worker under a lease
+    retrying = "retrying"    #: an attempt failed; due again after a backoff
+    succeeded = "succeeded"  #: final: the task returned
+    failed = "failed"        #: final: out of attempts, or a non-retryable error
+    cancelled = "cancelled"  #: final: cancelled before it started
+    #: read only: a stored state this version does not know (written by another version); never written.
+    #: The stored text is kept in `JobRecord.raw["state"]`; such a job is not final.
+    unknown = "unknown"
+
+    def __str__(self) -> str: return self.value
+
+    @property
+    def final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = {JobState.succeeded, JobState.failed, JobState.cancelled}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A stored job, as read from the store.
+
+    Reading never fails on what another version (or a hand edit) left in a row: an unknown state reads as
+    `JobState.unknown`, a value of the wrong type as a default (0, 0.0, None or ""), and every such stored value
+    is kept as it was in `raw` (column name -> stored value). An `error` is always None or a dict with a `type`
+    and a `message` (str); a `result` or `progress` that is not JSON is the stored text.
+    """
+    id: str
+    task: str
+    queue: str
+    state: JobState
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: float
+    run_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: Any
+    error: dict[str, Any] | None
+    progress: Any
+    parent: str | None = None
+    worker: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> JobRecord:
+        "Build a record from a store row (a mapping of column names); never raises. See the class doc."
+        raw: dict[str, Any] = {}
+        get = row.get
+
+        def text(k: str) -> str:
+            v = get(k)
+            if isinstance(v, str): return v
+            raw[k] = v
+            return "" if v is None else _text(v)
+
+        def opt_text(k: str) -> str | None:
+            v = get(k)
+            return v if v is None or isinstance(v, str) else text(k)
+
+        def num(k: str, kind: type, default: Any) -> Any:
+            v = get(k)
+            if v is None and default is None: return None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if kind is float: return float(v)
+                if isinstance(v, int) or v.is_integer(): return int(v)
+            raw[k] = v
+            return default
+
+        try: state = JobState(get("state"))
+        except (ValueError, TypeError): state, raw["state"] = JobState.unknown, get("state")
+        a = get("args")
+        try: args, kwargs = ([], {}) if a is None else decode_args(a)
+        except Exception: args, kwargs = [_text(a)], {}  # shown as stored
+        return cls(id=text("id"), task=text("task"), queue=text("queue"), state=state, args=args, kwargs=kwargs,
+                   attempts=num("attempts", int, 0), max_attempts=num("max_attempts", int, 0),
+                   created_at=num("created_at", float, 0.0), run_at=num("run_at", float, 0.0),
+                   started_at=num("started_at", float, None), finished_at=num("finished_at", float, None),
+                   result=_loads(get("result")), error=_error(get("error")), progress=_loads(get("progress")),
+                   parent=opt_text("parent"), worker=opt_text("worker"), raw=raw)
+
+    @property
+    def state_text(self) -> str:
+        "The state as stored: its value, or the stored text of a state this version does not know."
+        if self.state is JobState.unknown and self.raw.get("state") is not None: return _text(self.raw["state"])
+        return self.state.value
+
+    @property
+    def done(self) -> bool:
+        "True once the job is final (succeeded, failed or cancelled)."
+        return self.state.final
+
+    def value(self) -> Any:
+        "The result; raises `JobFailed` or `JobCancelled` if the job did not succeed."
+        if self.state is JobState.succeeded: return self.result
+        if self.state is JobState.cancelled: raise JobCancelled(f"job {self.id} ({self.task}) was cancelled")
+        if self.state is JobState.failed:
+            e = self.error or {}
+            raise JobFailed(f"job {self.id} ({self.task}) failed: {e.get('type', 'Error')}: {e.get('message', '')}")
+        raise JobFailed(f"job {self.id} ({self.task}) is not finished (state {self.state_text})")
+
+
+def _text(v: Any) -> str:
+    "Stored text as a str: bytes are decoded (bad bytes replaced), anything else is formatted."
+    if isinstance(v, str): return v
+    if isinstance(v, (bytes, bytearray, memoryview)): return bytes(v).decode("utf-8", "replace")
+    return str(v)
+
+
+def _loads(text: Any) -> Any:
+    "A stored JSON value; text that is not JSON (or not text) is returned as stored (bytes decoded)."
+    if text is None: return None
+    if not isinstance(text, str):
+        if not isinstance(text, (bytes, bytearray, memoryview)): return text
+        text = _text(text)
+    try: return decode_value(text)
+    except Exception: return text  # not JSON, or nested too deep for the decoder
+
+
+def _error(stored: Any) -> dict[str, Any] | None:
+    "A stored error as a dict with a str `type` and `message`, whatever shape it was stored in."
+    e = _loads(stored)
+    if e is None: return None
+    if not isinstance(e, dict): e = {"message": e}
+    t, m = e.get("type"), e.get("message")
+    return {**e, "type": t if isinstance(t, str) and t else "Error",
+            "message": m if isinstance(m, str) else "" if m is None else _text(m)}
+
+
+@dataclass(slots=True)
+class NewJob:
+    "A row to insert: a deferred call not yet stored."
+    id: str
+    task: str
+    args: str
+    queue: str = "default"
+    max_attempts: int = 1
+    timeout: float | None = None
+    run_at: float = 0.0
+    created_at: float = 0.0
+    parent: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.parent: return "waiting"
+        return "scheduled" if self.run_at > self.created_at else "queued"
+
+
+@dataclass(slots=True)
+class Claim:
+    """A job a worker holds under lease; `attempt` is its fencing token. `suspect`: it was running in a worker that
+    died, so it runs alone (its worker claims nothing beside it)."""
+    id: str
+    task: str
+    queue: str
+    args: str
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    created_at: float
+    started: float = 0.0
+    suspect: bool = False
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    "A worker as registered in the store: what it serves and when it was last seen (`live`: seen lately)."
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    tasks: tuple[str, ...]
+    concurrency: int
+    lease: float
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    live: bool = True
+
+
+@dataclass(slots=True)
+class Outcome:
+    "How one attempt ended, recorded by `Store.finish`."
+    kind: Literal["succeed", "fail", "retry", "release"]
+    id: str
+    attempt: int
+    result: str | None = None
+    error: str | None = None
+    run_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
