@@ -1,28 +1,38 @@
-"""fh-tasks: durable background tasks for FastHTML, on an embedded SQLite queue or on Celery and Dramatiq."""
-from .chain import BackgroundTasks
-from .context import JobContext, current_job
-from .engine import Capabilities, Engine
-from .errors import (
-    ArgumentError,
-    FhTasksError,
-    JobCancelled,
-    JobFailed,
-    PayloadTooLarge,
-    QueueBusy,
-    QueueUnavailable,
-    Retry,
-    StoreError,
-    TaskNotRegistered,
-    TaskTimeout,
-    Unsupported,
-)
-from .events import JobEvent
-from .hooks import Decision, Hook
-from .hub import Tasks
-from .job import Job
-from .records import JobRecord, JobState
-from .task import Task
-from .ui.status import JobStatus
+"""fh-tasks: durable background tasks for FastHTML, on an embedded SQLite queue or on Celery and Dramatiq.
+
+Names are loaded when first used, so `import fh_tasks.records` (or `events`, `engine`, `hooks`) does not
+import Starlette or the web binding.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .chain import BackgroundTasks
+    from .context import JobContext, current_job
+    from .engine import Capabilities, Engine
+    from .errors import (
+        ArgumentError,
+        FhTasksError,
+        JobCancelled,
+        JobFailed,
+        PayloadTooLarge,
+        QueueBusy,
+        QueueUnavailable,
+        Retry,
+        StoreError,
+        TaskNotRegistered,
+        TaskTimeout,
+        Unsupported,
+    )
+    from .events import JobEvent
+    from .hooks import Decision, Hook
+    from .hub import Tasks
+    from .job import Job
+    from .records import JobRecord, JobState
+    from .task import Task
+    from .ui.status import JobStatus
 
 __version__ = "0.1.0"
 
@@ -37,3 +47,21 @@ __all__ = [
     "FhTasksError", "ArgumentError", "PayloadTooLarge", "TaskNotRegistered", "StoreError", "QueueUnavailable",
     "QueueBusy", "JobFailed", "JobCancelled", "TaskTimeout", "Retry", "Unsupported",
 ]
+
+_WHERE = {
+    "Tasks": "hub", "Task": "task", "BackgroundTasks": "chain", "Job": "job", "JobRecord": "records",
+    "JobState": "records", "JobContext": "context", "current_job": "context", "JobStatus": "ui.status",
+    "JobEvent": "events", "Hook": "hooks", "Decision": "hooks", "Engine": "engine", "Capabilities": "engine",
+    **{name: "errors" for name in __all__[__all__.index("FhTasksError"):]},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE: raise AttributeError(f"module 'fh_tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

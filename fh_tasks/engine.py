@@ -119,7 +119,8 @@ class Engine(Protocol):
         "Cancel a job (and the rest of its chain); True when it was cancelled."
 
     def retry(self, id: str) -> bool:
-        "Queue a failed or cancelled job again with fresh attempts; True when it was requeued."
+        """Queue a failed or cancelled job again with a fresh budget of attempts; True when it was requeued. The
+        attempt number goes on (it fences late outcomes of earlier runs); those runs are excused."""
 
     def prune(self, before: float) -> int:
         "Delete finished jobs that finished before `before` (Unix seconds); returns how many."

@@ -140,9 +140,10 @@ UPDATE fh_jobs SET state = 'cancelled', finished_at = :now
  WHERE id = :id AND state IN ('queued', 'scheduled', 'retrying', 'waiting');
 
 -- name: requeue
--- Run a finished (failed or cancelled) job again, with a fresh set of attempts.
--- Excused attempts are forgotten with the others; `lost` stays: a job that was lost with its worker still runs alone.
-UPDATE fh_jobs SET state = 'queued', run_at = :now, attempts = 0, max_attempts = max_attempts - excused, excused = 0,
+-- Run a finished (failed or cancelled) job again, with a fresh set of attempts. `attempts` is the fencing token and
+-- never goes back (a late outcome of an earlier run must stay refused): the runs so far are excused instead, and
+-- `max_attempts` moves on by the job's budget. `lost` stays: a job that was lost with its worker still runs alone.
+UPDATE fh_jobs SET state = 'queued', run_at = :now, excused = attempts, max_attempts = attempts + max_attempts - excused,
        finished_at = NULL, error = NULL, result = NULL
  WHERE id = :id AND state IN ('failed', 'cancelled');
 

@@ -142,8 +142,9 @@ def test_retry_and_prune_through_the_hub(make_tasks):
     fail[0] = False
     assert tasks.retry(job.id) is True and job.get().state == "queued"
     drain(tasks)
-    # Then it succeeds on a fresh attempt
-    assert (job.get().state, job.get().attempts, job.get().result) == ("succeeded", 1, "up")
+    # Then it succeeds on a fresh attempt: its second run, the first of its new budget
+    rec = job.get()
+    assert (rec.state, rec.attempts, rec.max_attempts, rec.result) == ("succeeded", 2, 2, "up")
     assert tasks.retry(job.id) is False
     # And prune removes finished jobs older than asked, not newer ones
     assert tasks.prune(older_than=3600) == 0

@@ -123,11 +123,13 @@ def test_an_excused_run_gives_no_extra_retry_after_a_real_failure(store, clock):
     # When it runs again, Then its claim says attempt 2 of 2: a failure now is final (attempt < max_attempts is false)
     c = claim(store, "w2", alone=True)[0]
     assert (c.attempt, c.max_attempts) == (2, 2)
-    # And requeueing it by hand forgets the excused attempt with the others
+    # And requeueing it by hand gives it its one attempt again, after the runs so far (the fencing token goes on)
     assert store.finish([Outcome("fail", c.id, c.attempt, error='{"type": "E", "message": "m"}')]) == 1
     assert store.requeue(c.id)
     rec = store.get(c.id)
-    assert rec is not None and (rec.attempts, rec.max_attempts) == (0, 1)
+    assert rec is not None and (rec.attempts, rec.max_attempts) == (2, 3)
+    again = [x for x in claim(store, "w3", 10, alone=True) + claim(store, "w4", 10, alone=True) if x.id == c.id]
+    assert [(x.attempt, x.max_attempts) for x in again] == [(3, 3)]
 
 
 def test_a_worker_is_taken_back_whole_once_all_its_leases_ran_out(store, clock, db):

@@ -241,10 +241,17 @@ def test_requeue_gives_a_failed_job_fresh_attempts(store, clock):
     # When it is requeued
     clock.advance(5)
     assert store.requeue(j.id)
-    # Then it is queued with its attempts and error reset, and runs again on attempt 1
+    # Then it is queued with its error reset and a fresh budget: its earlier run is excused, not forgotten
     rec = store.get(j.id)
-    assert (rec.state, rec.attempts, rec.error, rec.finished_at, rec.run_at) == ("queued", 0, None, None, T0 + 5)
-    assert store.claim("w", ["default"], 1, 30)[0].attempt == 1
+    assert (rec.state, rec.attempts, rec.max_attempts, rec.error, rec.finished_at, rec.run_at) == (
+        "queued", 1, 2, None, None, T0 + 5)
+    assert store._read("SELECT excused FROM fh_jobs WHERE id = ?", (j.id,))[0][0] == 1
+    # And it runs again as attempt 2 (the fencing token never goes back), its last attempt
+    c = store.claim("w", ["default"], 1, 30)[0]
+    assert (c.attempt, c.max_attempts) == (2, 2)
+    # And a late outcome of the first run is refused
+    assert store.finish([Outcome("succeed", j.id, 1, result="1")]) == 0
+    assert store.finish([Outcome("succeed", j.id, 2, result="2")]) == 1
     # And only failed or cancelled jobs can be requeued
     assert not store.requeue(j.id)
     assert not store.requeue("no-such-id")

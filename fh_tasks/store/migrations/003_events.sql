@@ -17,11 +17,14 @@ CREATE TABLE IF NOT EXISTS fh_events (
     progress TEXT,
     at       REAL    NOT NULL
 );
+-- A job stored already claimed (handed to an in-process worker with the request's commit) announces both.
 CREATE TRIGGER IF NOT EXISTS fh_jobs_stored AFTER INSERT ON fh_jobs
 WHEN EXISTS (SELECT 1 FROM fh_listeners) BEGIN
     INSERT INTO fh_events (job, task, kind, state, attempt, progress, at)
-    VALUES (new.id, new.task, CASE WHEN new.state = 'running' THEN 'started' ELSE 'stored' END, new.state,
-            new.attempts, NULL, (julianday('now') - 2440587.5) * 86400.0);
+    SELECT new.id, new.task, k.kind, CASE WHEN k.n = 0 AND new.state = 'running' THEN 'queued' ELSE new.state END,
+           CASE WHEN k.n = 0 THEN 0 ELSE new.attempts END, NULL, (julianday('now') - 2440587.5) * 86400.0
+      FROM (SELECT 0 AS n, 'stored' AS kind UNION ALL SELECT 1, 'started' WHERE new.state = 'running') AS k
+     ORDER BY k.n;
 END;
 CREATE TRIGGER IF NOT EXISTS fh_jobs_changed AFTER UPDATE OF state, progress, attempts ON fh_jobs
 WHEN EXISTS (SELECT 1 FROM fh_listeners)
