@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-quick lint clean
+.PHONY: demo test docs bench bench-quick lint clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,17 @@ $(VENV)/.bench: pyproject.toml $(VENV)/.dev
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
-## demo: the seed's dashboard (http://127.0.0.1:5001) with its slow service, on the embedded SQLite queue
+## demo: the "Background Task Dashboard" example (http://127.0.0.1:5001) with its slow service
 demo: $(VENV)/.base
 	$(PY) examples/demo.py
 
 ## test: the whole suite; starts Redis if none answers and installs Chromium when missing
 test: $(VENV)/.dev
 	PY=$(PY) bash scripts/test.sh $(ARGS)
+
+## docs: the documentation site in site/ (offline; strict: any warning fails the build)
+docs: $(VENV)/.dev
+	$(VENV)/bin/mkdocs build --strict --clean
 
 ## bench: peers side by side (QUICK=1 for the short run)
 bench: $(VENV)/.bench
@@ -39,4 +43,6 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache fh_tasks.db fh_tasks.db-* dashboard.db dashboard.db-*
+	rm -rf $(VENV) .pytest_cache site dist fh_tasks.db fh_tasks.db-* dashboard.db dashboard.db-* \
+		dashboard_jobs.db dashboard_jobs.db-* counter.db counter.db-* signup.db signup.db-* \
+		progress_jobs.db progress_jobs.db-*

@@ -41,6 +41,11 @@ class Settings:
     cpu_work: int = 6_000_000
     #: Process counts of the drain per peer (quick mode: 2 processes for fh-tasks only).
     drain_procs: tuple[int, ...] = (1, 2)
+    #: The load scenario (bench/load.py): jobs deferred while the workers drain, seconds they get, paced rates.
+    load_jobs: int = 10_000
+    load_budget: float = 30.0
+    load_rates: tuple[float, ...] = (100.0, 1000.0)
+    load_seconds: float = 3.0
 
     @classmethod
     def full(cls) -> Settings:
@@ -50,7 +55,8 @@ class Settings:
     def fast(cls) -> Settings:
         return cls(quick=True, reps=1, request_seconds=2.0, request_warmup=1.0, enqueue_single=1_000,
                    enqueue_batch=5_000, drain_jobs=2_000, drain_budget=4.0, pickup_seconds=1.0,
-                   memory_depths=(1_000, 100_000), memory_seconds=1.0, cpu_jobs=4, cpu_work=4_000_000, drain_procs=(1,))
+                   memory_depths=(1_000, 100_000), memory_seconds=1.0, cpu_jobs=4, cpu_work=4_000_000, drain_procs=(1,),
+                   load_jobs=2_000, load_budget=10.0, load_seconds=1.0)
 
 
 # -- subprocesses ----------------------------------------------------------------------------------

@@ -97,6 +97,44 @@ def pickup_table(p: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _pick_cell(x: dict[str, Any] | None) -> str:
+    if not x: return "–"
+    return f"{fmt(x.get('p50'), 2)} / {fmt(x.get('p99'), 2)}"
+
+
+def load_table(ld: dict[str, Any]) -> list[str]:
+    d, fh = ld["drain"], ld["drain"].get("fh-tasks", {})
+    rates = [str(int(r)) for r in ld["rates"]]
+    rows = [f"A producer (one process) defers {ld['jobs']:,} jobs one call at a time while the workers drain them; "
+            "each job makes one Redis round trip (`INCR`). Jobs/s from the first job's start to the last job's end. "
+            f"Pickup: one worker process, the producer deferring at a steady rate for {ld['seconds']:g} s. "
+            "Repetitions alternate between peers; cells show median (min–max) of the repetitions.", "",
+            "| Peer | 1 process jobs/s | fh-tasks ÷ peer | 2 processes jobs/s | fh-tasks ÷ peer | "
+            + " | ".join(f"pickup p50 / p99 ms at {r}/s" for r in rates) + " | worker |",
+            "|---|--:|--:|--:|--:|" + "--:|" * len(rates) + "---|"]
+    for k, x in d.items():
+        ours = k.startswith("fh-tasks")
+        cells = []
+        for p in ("1", "2"):
+            cells += [fmt(x.get(p)), "" if ours else ratio(_med(fh.get(p)), _med(x.get(p)))]
+        pk = ld["pickup"].get(k, {})
+        cells += [_pick_cell(pk.get(r)) for r in rates]
+        rows.append(f"| {_label(k)} | {' | '.join(cells)} | {ld['concurrency'].get(k, '')} |")
+    ip, r = ld["inproc"], ld["ratios"]
+    rows += ["", "In-process, `async def` task, producer on the same event loop:", "",
+             "| Worker | jobs/s |", "|---|--:|",
+             f"| fh-tasks in-process worker (`Tasks(app)` default, stored) | {fmt(ip.get('fh-tasks'))} |",
+             f"| Starlette `BackgroundTask` (not stored) | {fmt(ip.get('starlette'))} |", "",
+             "Ratios, paired within each repetition: "
+             f"2 processes ÷ 1 **{fmt(r['fh2_over_fh1'], 2, '×')}**; "
+             f"2 processes ÷ best Redis peer at 2 **{fmt(r['fh2_over_best_redis2'], 2, '×')}**; "
+             f"1 process ÷ huey+Redis **{fmt(r['fh1_over_huey_redis1'], 2, '×')}** (sync), "
+             f"**{fmt(r['fh_async1_over_huey_redis1'], 2, '×')}** (async tasks); "
+             f"in-process ÷ Starlette **{fmt(r['inproc_over_starlette'], 2, '×')}**."]
+    if ld.get("errors"): rows += ["", "Failures: " + "; ".join(f"{k}: {v[:120]}" for k, v in ld["errors"].items())]
+    return rows
+
+
 def memory_table(m: dict[str, Any]) -> list[str]:
     rows = ["| Jobs queued | DB file MiB | peak worker RSS MiB |", "|--:|--:|--:|"]
     for depth, x in m["depths"].items():
@@ -179,6 +217,24 @@ def _pickup_goals(p: dict[str, Any]) -> list[Goal]:
     return out
 
 
+def _load_goals(ld: dict[str, Any]) -> list[Goal]:
+    r, out = ld["ratios"], []
+    for key, name, target in (("fh2_over_fh1", "under load: 2 worker processes ÷ 1", 1.6),
+                              ("fh2_over_best_redis2", "under load: 2 processes ÷ best Redis peer at 2", 2.0),
+                              ("fh1_over_huey_redis1", "under load: 1 process ÷ huey+Redis (sync)", 2.0),
+                              ("fh_async1_over_huey_redis1", "under load: 1 process (async) ÷ huey+Redis", 3.0),
+                              ("inproc_over_starlette", "in-process worker ÷ Starlette BackgroundTask", 0.9)):
+        v = _med(r.get(key))
+        if v is not None: out.append(_goal(name, f"≥ {target:g}×", v, fmt(r[key], 2, "×"), v >= target))
+    for rate, target in (("100", 5.0), ("1000", 20.0)):
+        st = (ld["pickup"].get("fh-tasks", {}).get(rate) or {}).get("p99")
+        v = _med(st)
+        if v is not None:
+            out.append(_goal(f"under load: cross-process pickup p99 at {rate}/s", f"≤ {target:g} ms", v,
+                             fmt(st, 2, " ms"), v <= target))
+    return out
+
+
 def _memory_goals(m: dict[str, Any]) -> list[Goal]:
     v = m["ratio_deep_shallow"]
     depths = sorted(int(k) for k in m["depths"])
@@ -210,8 +266,8 @@ def _events_goals(e: dict[str, Any]) -> list[Goal]:
 
 
 _GOALS: dict[str, Callable[[dict[str, Any]], list[Goal]]] = {
-    "request": _request_goals, "drain": _drain_goals, "pickup": _pickup_goals, "memory": _memory_goals,
-    "enqueue": _enqueue_goals, "cpu": _cpu_goals, "events": _events_goals}
+    "load": _load_goals, "request": _request_goals, "drain": _drain_goals, "pickup": _pickup_goals,
+    "memory": _memory_goals, "enqueue": _enqueue_goals, "cpu": _cpu_goals, "events": _events_goals}
 
 
 def goals(res: dict[str, Any]) -> list[Goal]:
@@ -228,7 +284,8 @@ def goals_table(gs: list[Goal]) -> list[str]:
 def tables(res: dict[str, Any]) -> list[str]:
     "Every section's markdown table, in order."
     s = res["settings"]
-    sections = [("request", "1. Request overhead (FastHTML under uvicorn, `async def` handlers)", request_table),
+    sections = [("load", "0. Under load: producer and workers at once, one Redis round trip per job", load_table),
+                ("request", "1. Request overhead (FastHTML under uvicorn, `async def` handlers)", request_table),
                 ("enqueue", "2. Enqueue throughput (one producer, no worker running)", enqueue_table),
                 ("drain", f"3. Drain throughput ({s['drain_jobs']:,} queued no-op jobs)", drain_table),
                 ("pickup", f"4. Pickup latency (start − enqueue, ~{s['pickup_rate']:.0f} jobs/s)", pickup_table),

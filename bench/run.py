@@ -22,12 +22,18 @@ from typing import Any
 from . import report
 from .common import ROOT, Settings, ensure_redis, log, machine, redis_version, source_revision, versions
 
-SECTIONS = ("request", "enqueue", "drain", "pickup", "memory", "cpu", "events")
+SECTIONS = ("load", "request", "enqueue", "drain", "pickup", "memory", "cpu", "events")
 #: Sections that measure peers on Redis; a run of the others needs no Redis server (nor the redis package).
-REDIS_SECTIONS = frozenset({"request", "enqueue", "drain", "pickup"})
-PEERS = ("fh-tasks", "fh-tasks-async", "fh-tasks-full", "huey-sqlite", "huey-redis", "celery", "dramatiq", "rq",
-         "rq-simple", "arq")
+REDIS_SECTIONS = frozenset({"load", "request", "enqueue", "drain", "pickup"})
+PEERS = ("fh-tasks", "fh-tasks-async", "fh-tasks-full", "huey-sqlite", "huey-redis", "celery", "celery-late",
+         "fh-celery", "dramatiq", "fh-dramatiq", "rq", "rq-simple", "arq")
 NOTES = [
+    "Section 0 (under load, `bench/load.py`): the harness process is the producer, deferring one job per call while "
+    "the workers run; each job makes one Redis round trip (`INCR`, `bench/io_job.py`: a shared `redis.Redis` per "
+    "process for sync tasks, a `redis.asyncio` client per event loop for async ones) before recording its times. "
+    "Repetitions alternate between peers, and the goal ratios are taken within each repetition. arq runs only "
+    "`async def` jobs; RQ's forking worker is left out (a fork per job outlasts the budget); the quick run measures "
+    "fh-tasks, huey+Redis and Dramatiq only.",
     "Every job is a no-op whose body appends (enqueued, started, ended) times to a per-process file "
     "(`bench/probe.py`, one `os.write`); drain throughput runs from the first job's start to the last job's end, "
     "so worker start-up is not counted. Jobs carry a small JSON argument "
@@ -122,6 +128,11 @@ def _cross(key: str, s: Settings, workdir: Path) -> dict[str, Any] | None:
     return pickup.cross_process(peer, s) if "pickup" in peer.measures else None
 
 
+def run_load(s: Settings, workdir: Path, peers: list[str]) -> dict[str, Any]:
+    from . import load
+    return load.measure(s, workdir, os.environ["BENCH_REDIS"], peers)
+
+
 def run_memory(s: Settings, workdir: Path, peers: list[str]) -> dict[str, Any]:
     from . import memory
     return memory.measure(s, _peer_env(workdir))
@@ -137,7 +148,7 @@ def run_events(s: Settings, workdir: Path, peers: list[str]) -> dict[str, Any]:
     return events.measure(s, workdir)
 
 
-RUNNERS = {"request": run_request, "enqueue": run_enqueue, "drain": run_drain, "pickup": run_pickup,
+RUNNERS = {"load": run_load, "request": run_request, "enqueue": run_enqueue, "drain": run_drain, "pickup": run_pickup,
            "memory": run_memory, "cpu": run_cpu, "events": run_events}
 
 

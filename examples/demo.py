@@ -1,4 +1,5 @@
-"""`make demo`: the seed's dashboard and its slow service, two uvicorn servers on loopback; Ctrl-C stops both.
+"""`make demo`: the "Background Task Dashboard" example and its slow service, two uvicorn servers on loopback;
+Ctrl-C stops both.
 
 Ports: DEMO_PORT (dashboard, default 5001) and SLOW_API_PORT (slow service, default 8123).
 """
@@ -17,6 +18,19 @@ HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 #: Seconds a server gets to shut down (running jobs finish or go back to the queue) before it is killed.
 STOP_TIMEOUT = 20.0
+#: Where the demo mounts the jobs dashboard on the example's app.
+JOBS_PATH = "/tasks"
+
+
+def __getattr__(name: str) -> object:
+    """`demo:app`, what the demo serves: the "Background Task Dashboard" app (examples/dashboard.py) with the jobs
+    dashboard mounted, local-only (no auth: it answers requests from this machine only). Built when uvicorn asks
+    for it."""
+    if name != "app": raise AttributeError(name)
+    import dashboard
+    dashboard.tasks.dashboard(JOBS_PATH, local_only=True)
+    globals()["app"] = dashboard.app
+    return dashboard.app
 
 
 class Demo:
@@ -37,8 +51,9 @@ class Demo:
         env = {**os.environ, "SLOW_API_URL": f"http://{HOST}:{self.ports['slow_api']}"}
         for name, port in self.ports.items():
             if self.signal is not None: return
+            target = "demo:app" if name == "dashboard" else f"{name}:app"  # demo:app adds the jobs dashboard
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", f"{name}:app", "--app-dir", str(HERE), "--host", HOST,
+                [sys.executable, "-m", "uvicorn", target, "--app-dir", str(HERE), "--host", HOST,
                  "--port", str(port)], env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
@@ -102,7 +117,9 @@ def main() -> int:
         demo.start()
         if demo.wait_ready():
             print(f"\n  Background Task Dashboard: http://{HOST}:{demo.ports['dashboard']}"
-                  f"  (slow service on port {demo.ports['slow_api']}; Ctrl-C stops both)\n", flush=True)
+                  f"  (slow service on port {demo.ports['slow_api']}; Ctrl-C stops both)"
+                  f"\n  Jobs dashboard:            http://{HOST}:{demo.ports['dashboard']}{JOBS_PATH}"
+                  "  (local only: it answers this machine alone)\n", flush=True)
             while demo.signal is None and not demo.exited(): time.sleep(0.2)
         if demo.signal is None:
             print(f"demo: {demo.exited() or 'a server'} did not start or stopped on its own; stopping the other",

@@ -1,5 +1,7 @@
-"""The seed's signup with several background tasks, durable: in order with `BackgroundTasks`, or independent jobs."""
-# FastHTML apps use its star import, as the seed does.
+"""The signup example of FastHTML's "Background Tasks" page (several tasks per request), durable: in order with
+`BackgroundTasks`, or independent jobs. Run `python examples/signup.py` and open
+http://localhost:5001/signup?email=ada@example.com&username=ada (or /signup_independent?...)."""
+# FastHTML apps use its star import, as FastHTML's documentation does.
 # ruff: noqa: F403, F405
 import asyncio
 import os
@@ -9,11 +11,11 @@ from fasthtml.common import *
 from fh_tasks import BackgroundTasks, Tasks
 
 app, rt = fast_app()
-tasks = Tasks(app, db=os.environ.get('FH_TASKS_DB', 'fh_tasks.db'))
+tasks = Tasks(app, db=os.environ.get('FH_TASKS_DB') or 'signup.db')      # this example's own store file
 
 @rt
 async def signup(email: str, username: str):
-    "The seed's handler, unchanged: the jobs run in order, and a failure cancels the ones after it."
+    "The page's handler, unchanged: the jobs run in order, and a failure cancels the ones after it."
     tasks = BackgroundTasks()
     tasks.add_task(send_welcome_email, to_address=email)
     tasks.add_task(send_admin_notification, username=username)

@@ -1,5 +1,6 @@
-"""The seed's simulated slow service: answers after SLOW_API_DELAY seconds (default 3) on port 8123."""
-# FastHTML apps use its star import, as the seed does.
+"""The simulated slow service of FastHTML's "Background Task Dashboard" example: answers after SLOW_API_DELAY seconds
+(default 3) on port 8123 (SLOW_API_PORT)."""
+# FastHTML apps use its star import, as FastHTML's documentation does.
 # ruff: noqa: F403, F405
 import os
 from time import sleep, time

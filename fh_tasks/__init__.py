@@ -31,14 +31,14 @@ if TYPE_CHECKING:
     from .hub import Tasks
     from .job import Job
     from .records import JobRecord, JobState
-    from .task import Task
+    from .task import Call, Task
     from .ui.status import JobStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
     # The hub and its tasks
-    "Tasks", "Task", "BackgroundTasks",
+    "Tasks", "Task", "Call", "BackgroundTasks",
     # Jobs
     "Job", "JobRecord", "JobState", "JobContext", "current_job", "JobStatus",
     # Events, hooks and engines
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "Tasks": "hub", "Task": "task", "BackgroundTasks": "chain", "Job": "job", "JobRecord": "records",
+    "Tasks": "hub", "Task": "task", "Call": "task", "BackgroundTasks": "chain", "Job": "job", "JobRecord": "records",
     "JobState": "records", "JobContext": "context", "current_job": "context", "JobStatus": "ui.status",
     "JobEvent": "events", "Hook": "hooks", "Decision": "hooks", "Engine": "engine", "Capabilities": "engine",
     **{name: "errors" for name in __all__[__all__.index("FhTasksError"):]},

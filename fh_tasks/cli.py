@@ -4,6 +4,7 @@
     fh-tasks ls --state failed          fh-tasks show ID        fh-tasks retry --failed
     fh-tasks cancel ID                  fh-tasks purge --older-than 7d
     fh-tasks stats                      fh-tasks wait --timeout 60
+    fh-tasks backup backups/jobs.db     fh-tasks worker myapp:tasks --burst --log-format json
 
 Every option can also come from an `FH_TASKS_*` environment variable (named in `--help`); flags win.
 """
@@ -17,16 +18,18 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import StoreError
 from .hub import DEFAULT_DB, Tasks
-from .logs import EscapingFormatter, escape
+from .logs import EscapingFormatter, JsonFormatter, escape
 from .records import JobRecord, JobState
 from .redact import REDACTED, is_secret_key, redact, redact_text
 
@@ -40,18 +43,20 @@ log = logging.getLogger("fh_tasks.cli")
 #: Environment variables mirrored by flags: (flag dest, variable).
 ENV = {"app": "FH_TASKS_APP", "db": "FH_TASKS_DB", "processes": "FH_TASKS_PROCESSES",
        "concurrency": "FH_TASKS_CONCURRENCY", "queues": "FH_TASKS_QUEUES", "log_level": "FH_TASKS_LOG_LEVEL",
-       "grace": "FH_TASKS_GRACE", "lease": "FH_TASKS_LEASE"}
+       "grace": "FH_TASKS_GRACE", "lease": "FH_TASKS_LEASE", "log_format": "FH_TASKS_LOG_FORMAT"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PENDING = ("queued", "running", "retrying", "waiting")
 #: Longest duration any option takes (100 years): more is a typo, and would overflow timers.
 MAX_DURATION = 100 * 365 * 86400.0
 #: Commands that only read the store: they open it read-only, so they can never change it.
-READ_ONLY = ("ls", "show", "stats", "wait")
+READ_ONLY = ("ls", "show", "stats", "wait", "backup")
 #: `show` cuts each field at this many characters, and a traceback at this many lines.
 SHOW_CHARS, SHOW_LINES = 4000, 200
 #: Supervisor: a worker process that dies is restarted after a delay that doubles from the first to the second
 #: figure while it keeps dying, and starts over once a worker has stayed up for `STABLE` seconds.
 BACKOFF, STABLE = (0.5, 30.0), 60.0
+#: `worker --burst` waits for a job due within this many seconds (a short retry backoff) before it exits.
+BURST_WINDOW = 5.0
 
 
 class CliError(Exception):
@@ -103,6 +108,11 @@ def _level(text: str) -> str:
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"{text!r} is not one of debug, info, warning, error")
     return text.upper()
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in ("text", "json"): raise ValueError(f"{text!r} is not text or json")
+    return text.lower()
 
 
 def _arg(conv: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -204,7 +214,7 @@ def _use_db(hub: Tasks, path: str, *, readonly: bool = False, create: bool = Tru
 def cmd_worker(args: argparse.Namespace) -> int:
     "Run workers until SIGTERM/SIGINT (a second signal gives running jobs back at once)."
     if not args.app: raise CliError("name the app's hub: fh-tasks worker module:attr (or set FH_TASKS_APP)")
-    _logging(args.log_level)
+    _logging(args.log_level, args.log_format)
     hub = load_target(args.app)
     if args.db: _use_db(hub, args.db)
     try:  # opens the store now: a missing directory or read-only file fails here, clearly
@@ -213,18 +223,74 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1: return _supervise(args)
     opts: dict[str, Any] = {k: v for k, v in (("concurrency", args.concurrency), ("queues", args.queues),
                                              ("grace", args.grace), ("lease", args.lease)) if v is not None}
-    w = hub.worker(burst=args.burst, **opts)
-    log.info("worker %s serving queue(s) %s with concurrency %d (lease %gs, grace %gs)", w.id, ",".join(w.queues),
-             w.concurrency, w.lease, w.grace)
+    if args.burst: return asyncio.run(_burst(hub, opts))
+    w = hub.worker(**opts)
+    _started(w)
     asyncio.run(_run_worker(w))
     log.info("worker %s stopped after %d job(s)", w.id, w.processed)
     return 0
 
 
-async def _run_worker(w: Any) -> None:
-    loop, hits = asyncio.get_running_loop(), [0]
+def _started(w: Any) -> None:
+    log.info("worker %s serving queue(s) %s with concurrency %d (lease %gs, grace %gs)", w.id, ",".join(w.queues),
+             w.concurrency, w.lease, w.grace)
+
+
+class _Failures(logging.Handler):
+    "Counts the jobs the worker's log reports as failed for good (records with `action='fail'` and a `job_id`)."
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.ids: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "action", None) == "fail" and (jid := getattr(record, "job_id", None)): self.ids.add(jid)
+
+
+async def _burst(hub: Tasks, opts: dict[str, Any]) -> int:
+    """`--burst`: run until nothing is queued, running or due within `BURST_WINDOW` seconds (a job waiting for a
+    short retry backoff is finished first). 0: no job failed; 1: some job failed; 128+N: stopped by signal N."""
+    failures, top = _Failures(), logging.getLogger("fh_tasks")
+    top.addHandler(failures)
+    if top.getEffectiveLevel() > logging.WARNING: top.setLevel(logging.WARNING)  # failures are WARNING records
+    done, w = 0, None
+    try:
+        while True:
+            w = hub.worker(burst=True, **opts)
+            if done == 0: _started(w)
+            if (sig := await _run_worker(w)): return 128 + sig
+            done += w.processed
+            store = _sqlite(hub)
+            due = store.next_due(w.queues, w.task_names()) if store is not None else None
+            wait = None if due is None or store is None else due - store.clock()
+            if wait is None or wait > BURST_WINDOW: break
+            if (sig := await _nap(max(0.0, wait))): return 128 + sig
+    finally: top.removeHandler(failures)
+    log.info("worker %s stopped after %d job(s): nothing is due within %gs; %d job(s) failed", w.id if w else "-",
+             done, BURST_WINDOW, len(failures.ids))
+    return 1 if failures.ids else 0
+
+
+async def _nap(seconds: float) -> int:
+    "Sleep unless SIGTERM or SIGINT comes first; returns that signal (0: none)."
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+    def on_signal(sig: signal.Signals) -> None:
+        if not got.done(): got.set_result(int(sig))
+
+    for s in (signal.SIGTERM, signal.SIGINT): loop.add_signal_handler(s, on_signal, s)
+    try: return await asyncio.wait_for(got, seconds)
+    except asyncio.TimeoutError: return 0
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT): loop.remove_signal_handler(s)
+
+
+async def _run_worker(w: Any) -> int:
+    "Run the worker until it stops; returns the first signal that stopped it (0: none)."
+    loop, hits, first = asyncio.get_running_loop(), [0], []
 
     def on_signal(sig: signal.Signals) -> None:
+        first.append(int(sig))
         hits[0] += 1
         if hits[0] == 1:
             log.info("%s: no new jobs; running ones get %gs to finish (send it again to give them back now)",
@@ -235,11 +301,15 @@ async def _run_worker(w: Any) -> None:
             w.stop(now=True)
 
     for s in (signal.SIGTERM, signal.SIGINT): loop.add_signal_handler(s, on_signal, s)
-    await w.run()
+    try: await w.run()
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT): loop.remove_signal_handler(s)
+    return first[0] if first else 0
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = [sys.executable, "-m", "fh_tasks", "worker", args.app, "--processes", "1", "--log-level", args.log_level]
+    argv = [sys.executable, "-m", "fh_tasks", "worker", args.app, "--processes", "1", "--log-level", args.log_level,
+            "--log-format", args.log_format]
     for dest in ("db", "concurrency", "grace", "lease"):
         if (v := getattr(args, dest)) is not None: argv += [f"--{dest}", str(v)]
     if args.queues: argv += ["--queues", ",".join(args.queues)]
@@ -281,7 +351,8 @@ def _supervise(args: argparse.Namespace) -> int:
             for i, (p, started) in list(procs.items()):
                 if (rc := p.poll()) is None: continue
                 del procs[i]
-                if signals or rc == 0 or rc == 2:  # stopping, finished (--burst), or a start-up error
+                # stopping, finished (--burst; 1: some job failed), or a start-up error
+                if signals or rc == 0 or rc == 2 or (args.burst and rc == 1):
                     worst = max(worst, rc if rc > 0 else 0)
                     continue
                 delays[i] = _backoff(delays.get(i), now - started)
@@ -314,10 +385,13 @@ def _exit_text(rc: int) -> str:
     return f"exit code {rc}"
 
 
-def _logging(level: str) -> None:
-    "Log to stderr, every line escaped: stored text (a job's error, its task name) cannot forge log lines."
+def _logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr, every line escaped: stored text (a job's error, its task name) cannot forge log lines.
+    `fmt="json"`: one JSON object per line, with the record's extra fields (`job_id`, `task`...)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"))
+    handler.setLevel(level)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         EscapingFormatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
 
 
@@ -471,6 +545,47 @@ def cmd_wait(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy the job store to DEST with SQLite's online backup: a consistent copy, taken while the app and its
+    workers keep running. DEST is one self-contained file (no -wal or -shm beside it), checked before it is kept."""
+    hub = _hub(args)
+    store = _sqlite(hub)
+    if store is None or store.memory: raise CliError("backup copies a SQLite job store file; this hub has none")
+    hub.counts()  # opens the store read-only: a file that is not an fh-tasks store is refused here
+    src_path, dest = os.path.abspath(store.path), os.path.abspath(args.dest)
+    if os.path.isdir(dest): dest = os.path.join(dest, os.path.basename(src_path))
+    if dest == src_path: raise CliError(f"{dest} is the job store itself; name another file")
+    if os.path.exists(dest) and not args.force: raise CliError(f"{dest} exists; pass --force to replace it")
+    if not os.path.isdir(os.path.dirname(dest)): raise CliError(f"directory {os.path.dirname(dest)} does not exist")
+    part = f"{dest}.part{os.getpid()}"
+    try:
+        _copy_store(src_path, part)
+        with open(part, "rb") as f: os.fsync(f.fileno())
+        os.replace(part, dest)
+    finally:
+        if os.path.exists(part): os.unlink(part)
+    n = sqlite3.connect(f"file:{urllib.parse.quote(dest)}?mode=ro", uri=True)
+    try: jobs = n.execute("SELECT count(*) FROM fh_jobs").fetchone()[0]
+    finally: n.close()
+    print(f"backed up {src_path} to {dest}: {jobs} job(s), {os.path.getsize(dest):,} bytes")
+    return 0
+
+
+def _copy_store(src_path: str, dest: str) -> None:
+    "SQLite's online backup, a few pages at a time so writers are never held up for long; then a quick check."
+    src = sqlite3.connect(f"file:{urllib.parse.quote(src_path)}?mode=ro", uri=True, timeout=30)
+    try:
+        dst = sqlite3.connect(dest, isolation_level=None)
+        try:
+            src.backup(dst, pages=1024, sleep=0.005)
+            dst.execute("PRAGMA journal_mode=DELETE")  # one file: the copy needs no -wal beside it
+            if (check := dst.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+                raise CliError(f"the copy failed SQLite's quick_check ({check}); {dest} is not kept")
+        finally: dst.close()
+    except sqlite3.Error as e: raise CliError(f"backup of {src_path} failed: {e}") from None
+    finally: src.close()
+
+
 def _bar(done: int, pending: int, running: int, elapsed: float, tty: bool) -> None:
     total = done + pending
     frac = done / total if total else 1.0
@@ -485,7 +600,7 @@ def _bar(done: int, pending: int, running: int, elapsed: float, tty: bool) -> No
 # -- argument parsing ------------------------------------------------------------------------------
 _CONVERT: dict[str, Callable[[str], Any]] = {
     "processes": _whole(1, 256), "concurrency": _whole(1, 100_000), "queues": _queues, "grace": parse_duration,
-    "lease": _seconds, "log_level": _level}
+    "lease": _seconds, "log_level": _level, "log_format": _log_format}
 _WORKER_OPTIONS = (
     ("processes", "N", "worker processes (default 1)"),
     ("concurrency", "N", "jobs each process runs at once (default: the hub's)"),
@@ -493,7 +608,8 @@ _WORKER_OPTIONS = (
     ("grace", "SECONDS", "time running jobs get to finish when stopping: seconds, or like 2m (default: the hub's)"),
     ("lease", "SECONDS", "time before a silent worker's jobs are taken back: seconds, or like 2m (default: the "
                          "hub's)"),
-    ("log_level", "LEVEL", "debug, info, warning or error (default info)"))
+    ("log_level", "LEVEL", "debug, info, warning or error (default info)"),
+    ("log_format", "FORMAT", "text, or json: one JSON object per line, with job_id and task (default text)"))
 
 def _env_help(dest: str, text: str) -> str:
     return f"{text} [env {ENV[dest]}]"
@@ -517,7 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument(f"--{dest.replace('_', '-')}", type=_arg(_CONVERT[dest]), metavar=metavar,
                        help=_env_help(dest, text))
     w.add_argument("--db", metavar="PATH", help=_env_help("db", "use this SQLite file instead of the hub's"))
-    w.add_argument("--burst", action="store_true", help="stop once no job is due")
+    w.add_argument("--burst", action="store_true",
+                   help=f"stop once nothing is queued, running or due within {BURST_WINDOW:g}s; exit code 0: no job "
+                        "failed, 1: some job failed")
     w.set_defaults(func=cmd_worker)
     _add_commands(sub)
     return p
@@ -542,8 +660,12 @@ def _add_commands(sub: Any) -> None:
     wait = sub.add_parser("wait", help="wait for the queue to drain", description=cmd_wait.__doc__)
     wait.add_argument("--timeout", type=_arg(_seconds), help="give up (exit 1) after this long: seconds, or like 5m")
     wait.add_argument("--interval", type=_arg(_seconds), default=0.2, help=argparse.SUPPRESS)
+    backup = sub.add_parser("backup", help="copy the job store, safely, while it is in use",
+                            description=cmd_backup.__doc__)
+    backup.add_argument("dest", metavar="DEST", help="the file to write (or a directory to write it in)")
+    backup.add_argument("--force", action="store_true", help="replace DEST if it exists")
     for name, sp in (("ls", ls), ("show", show), ("retry", retry), ("cancel", cancel), ("purge", purge),
-                     ("stats", stats), ("wait", wait)):
+                     ("stats", stats), ("wait", wait), ("backup", backup)):
         _store_options(sp)
         sp.set_defaults(func=globals()[f"cmd_{name}"])
 
@@ -559,6 +681,7 @@ def _apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if getattr(args, "command", None) == "worker":
         args.processes = args.processes or 1
         args.log_level = args.log_level or "INFO"
+        args.log_format = args.log_format or "text"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .encoding import encode_progress
+from .errors import JobCancelled
 
 __all__ = ["JobContext", "current_job", "ProgressSink"]
 
@@ -38,7 +39,16 @@ class JobContext:
         """
         text = encode_progress(value)
         if self.store is None: return False
+        if self.cancelled: raise JobCancelled(f"job {self.id} ({self.task}) was cancelled")
         return bool(self.store.record_progress(self.id, self.attempt, text))
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job was cancelled while running (`tasks.cancel(id, running=True)`), as its worker found it
+        (it checks about every half second); `progress()` then raises `JobCancelled`. A sync task that reports no
+        progress can check this flag in its loop; an async task is cancelled by its worker."""
+        check = getattr(self.store, "is_cancelled", None)
+        return bool(check(self.id, self.attempt)) if check is not None else False
 
 
 _current: ContextVar[JobContext | None] = ContextVar("fh_tasks_job", default=None)

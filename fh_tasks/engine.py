@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import Unsupported
@@ -18,9 +18,9 @@ from .errors import Unsupported
 if TYPE_CHECKING:
     from .events import EventBus
     from .hub import Tasks
-    from .records import JobRecord, NewJob
+    from .records import JobRecord, NewJob, WorkerInfo
 
-__all__ = ["Capabilities", "Engine", "EngineWorker", "EngineSettings", "DEFAULT_DB"]
+__all__ = ["Capabilities", "Engine", "EngineWorker", "EngineSettings", "DEFAULT_DB", "Overview", "RUN_TIME_BUCKETS"]
 
 #: Default database file of the SQLite engine (and the broker engines' outbox), relative to the working directory.
 DEFAULT_DB = "fh_tasks.db"
@@ -43,6 +43,8 @@ class Capabilities:
     process_pool: bool = False       #: `@tasks.task(process=True)`
     in_process_workers: bool = False  #: workers can run inside the web app's process (`Tasks(workers=N)`)
     burst: bool = False              #: a worker can run until nothing is due (`fh_tasks.testing.drain`)
+    stats: bool = False              #: `page` (filtered keyset pages), `overview` (figures), `attempts` (history)
+    admin: bool = False              #: `delete`, `retry_failed` (every failed job of a task), `pause`/`resume` a queue
 
     def require(self, name: str, engine: str, doing: str) -> None:
         "Raise `Unsupported` naming the engine and what was asked unless capability `name` is there."
@@ -139,3 +141,51 @@ class Engine(Protocol):
 
     def close(self) -> None:
         "Release connections and threads."
+
+    # -- the jobs dashboard: capability `stats` ---------------------------------------------------------------------
+    def page(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
+             since: float | None = None, before: str | None = None,
+             limit: int = 50) -> tuple[list[JobRecord], str | None]:
+        """One page of jobs, newest first, without arguments or result, filtered by state, task, queue and creation
+        time (`since`, Unix seconds), after the key `before`; returns the jobs and the next page's key (None: last)."""
+
+    def overview(self, window: float = 3600.0) -> Overview:
+        "The dashboard's figures: counts per task/queue/state, queue depths, runs per minute over `window`, workers."
+
+    def attempts(self, id: str) -> list[dict[str, Any]]:
+        "The failed attempts of a job, oldest first (attempt, state, worker, started_at, ended_at, error)."
+
+    # -- capability `admin` -----------------------------------------------------------------------------------------
+    def delete(self, id: str) -> bool:
+        "Delete a finished job; True when it was deleted."
+
+    def retry_failed(self, task: str) -> int:
+        "Queue every failed job of `task` again (as `retry`); returns how many."
+
+    def pause(self, queue: str) -> None:
+        "Workers take no job from `queue` until `resume` (jobs can still be deferred to it)."
+
+    def resume(self, queue: str) -> None:
+        "Workers take jobs from `queue` again."
+
+
+#: Upper bounds (seconds) of the run-time histogram of `Overview` and the metrics.
+RUN_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass(frozen=True)
+class Overview:
+    "What the dashboard's overview and the metrics show, read at `at` (Unix seconds)."
+    at: float
+    window: float                                   #: seconds covered by `succeeded`/`failed`/`run_times`
+    counts: list[tuple[str, str, int]]              #: (task, state, jobs)
+    queues: list[tuple[str, int, float | None]]     #: (queue, due jobs, since when the oldest has been due)
+    paused: frozenset[str]
+    succeeded: list[int]                            #: jobs succeeded per minute, oldest minute first
+    failed: list[int]                               #: attempts failed per minute
+    workers: list[tuple[WorkerInfo, int]]           #: registered workers and the jobs each runs now
+    run_times: list[tuple[float, int]] = field(default_factory=list)  #: (bucket bound, runs at most that long)
+    run_count: int = 0
+    run_sum: float = 0.0
+    gone_succeeded: dict[str, int] = field(default_factory=dict)  #: succeeded runs of jobs pruned or deleted, per task
+    failed_attempts: dict[str, int] = field(default_factory=dict)  #: failed attempts in all, per task

@@ -44,7 +44,8 @@ class DaemonThreadPool(Executor):
     def __init__(self, size: int, name: str = "fh-tasks") -> None:
         if size < 1: raise ValueError(f"thread pool size must be >= 1, not {size}")
         self.size, self.name = size, name
-        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None]
+        self._work: queue.SimpleQueue[tuple[Future[Any] | None, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+                                      | None]
         self._work = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0
@@ -54,20 +55,30 @@ class DaemonThreadPool(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         "Run `fn(*args, **kwargs)` in a pool thread."
         fut: Future[Any] = Future()
+        self._put((fut, fn, args, kwargs))
+        return fut
+
+    def run(self, fn: Callable[[], None]) -> None:
+        "Run `fn()` in a pool thread, with no `Future` to make and settle: `fn` reports its own end (and errors)."
+        self._put((None, fn, (), {}))
+
+    def _put(self, item: tuple[Future[Any] | None, Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> None:
         with self._lock:
             if self._closed: raise RuntimeError("cannot run a job: the thread pool is shut down")
-            self._work.put((fut, fn, args, kwargs))
+            self._work.put(item)
             if self._idle == 0 and len(self._threads) < self.size:
                 t = threading.Thread(target=self._serve, name=f"{self.name}-{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 t.start()
             elif self._idle > 0: self._idle -= 1
-        return fut
 
     def _serve(self) -> None:
         while (item := self._work.get()) is not None:
             fut, fn, args, kwargs = item
-            if fut.set_running_or_notify_cancel():
+            if fut is None:
+                try: fn()
+                except BaseException: pass  # `run` callers report their own errors
+            elif fut.set_running_or_notify_cancel():
                 try: fut.set_result(fn(*args, **kwargs))
                 except BaseException as e: fut.set_exception(e)  # SystemExit in a task fails the job, not the thread
             del item, fut  # drop references to the job while idle
@@ -82,7 +93,7 @@ class DaemonThreadPool(Executor):
                 while True:
                     try: item = self._work.get_nowait()
                     except queue.Empty: break
-                    if item is not None: item[0].cancel()
+                    if item is not None and item[0] is not None: item[0].cancel()
             for _ in self._threads: self._work.put(None)
         if wait:
             for t in self._threads: t.join()

@@ -13,6 +13,7 @@ from .engines import make
 from .events import EventBus, JobEvent
 from .hooks import Hook, Hooks
 from .job import Job
+from .owner import same_owner, session_owner
 from .records import JobRecord, JobState, NewJob
 from .retention import DEFAULT_RETENTION, Retention
 from .retry import Retries
@@ -48,6 +49,8 @@ class Tasks:
         max_result: limit on a job's encoded result, in bytes (a larger result fails the job with `ResultError`).
         hooks: `Hook`s run around enqueueing and running jobs (before the built-in retries and retention).
         prefix: where the app serves the hub's routes (`{prefix}/jobs/{id}/status`); None adds no routes.
+        access: `access(request, record) -> bool` decides who sees a job through the hub's routes (status, streams,
+            cancel); by default only the session that deferred it (`Tasks.owns`). Others get 404.
     """
 
     def __init__(self, app: Any = None, *, engine: str | Engine = "sqlite", broker: str | None = None,
@@ -56,7 +59,7 @@ class Tasks:
                  durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.1,
                  grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
                  max_result: int = MAX_RESULT, hooks: Iterable[Hook] = (), clock: Callable[[], float] = time.time,
-                 prefix: str | None = PREFIX) -> None:
+                 prefix: str | None = PREFIX, access: Callable[[Any, JobRecord], bool] | None = None) -> None:
         if isinstance(max_result, bool) or not isinstance(max_result, int) or max_result < 1:
             raise ValueError(f"max_result must be a whole number of bytes >= 1, not {max_result!r}")
         if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
@@ -72,6 +75,7 @@ class Tasks:
         self.clock = clock
         self.registry: dict[str, Task[Any, Any]] = {}
         self.max_payload, self.max_result, self.prefix = max_payload, max_result, prefix
+        self.access = access
         # User hooks first: their `on_failure` decides before the built-in retry rule.
         self.hooks = Hooks([*hooks, Retries(), Retention(retention)])
         self.app: Any = None
@@ -160,10 +164,24 @@ class Tasks:
         response starts), else at once. Hooks' `before_enqueue` may refuse it."""
         if new.run_at > new.created_at: self.engine.capabilities.require("delay", self.engine.name, "delay a job")
         if new.parent is not None: self.engine.capabilities.require("chains", self.engine.name, "chain jobs")
+        if new.owner is None: new.owner = web.owner()
         self.hooks.before_enqueue(new, task)
         job = Job(self, new)
         if not web.hold(job): self.store_jobs([job])
         return job
+
+    def enqueue_many(self, news: Sequence[NewJob], task: Task[Any, Any]) -> list[Job]:
+        """Store many jobs built by `task` (what `task.defer_many()` calls) in one transaction: in the current request's
+        batch, else at once. Hooks' `before_enqueue` runs for each job; one refused refuses them all (none stored)."""
+        for new in news:
+            if new.run_at > new.created_at: self.engine.capabilities.require("delay", self.engine.name, "delay a job")
+            if new.parent is not None: self.engine.capabilities.require("chains", self.engine.name, "chain jobs")
+            self.hooks.before_enqueue(new, task)
+        jobs = [Job(self, new) for new in news]
+        if jobs and web.hold(jobs[0]):
+            for j in jobs[1:]: web.hold(j)
+        else: self.store_jobs(jobs)
+        return jobs
 
     def is_pending(self, job: Job) -> bool:
         "True while `job` waits in the current request's batch for the response to start."
@@ -209,10 +227,13 @@ class Tasks:
         self.engine.capabilities.require("listing", self.engine.name, "count jobs")
         return self.engine.counts()
 
-    def cancel(self, id: str) -> bool:
-        "Cancel a job that has not started (and the rest of its chain); True when it was cancelled."
+    def cancel(self, id: str, *, running: bool = False) -> bool:
+        """Cancel a job that has not started (and the rest of its chain); True when it was cancelled. With
+        `running=True` a running job is cancelled too, where the engine can (`Capabilities.cancel_running`)."""
         self.engine.capabilities.require("cancel_queued", self.engine.name, "cancel jobs")
-        return self.engine.cancel(id)
+        if self.engine.cancel(id): return True
+        stop = getattr(self.engine, "cancel_running", None)
+        return bool(running and self.engine.capabilities.cancel_running and stop is not None and stop(id))
 
     def retry(self, id: str) -> bool:
         "Queue a failed or cancelled job again, with fresh attempts; True when it was requeued."
@@ -222,6 +243,36 @@ class Tasks:
     def prune(self, older_than: float) -> int:
         "Delete finished jobs that finished more than `older_than` seconds ago; returns how many."
         return self.engine.prune(self.clock() - older_than)
+
+    def owner(self) -> str | None:
+        "The owner token of the current request's session (made if it has none); None outside a request."
+        return web.owner()
+
+    def request_session(self) -> dict[str, Any] | None:
+        "The current request's session, or None outside a request (or without sessions)."
+        return web.session()
+
+    def visible(self, request: Any, rec: JobRecord) -> bool:
+        """May `request` (an HTTP request or a websocket) see this job through the hub's routes? The app's
+        `access` callable decides if it gave one; by default only the session that deferred the job may, so a job
+        deferred outside a request is seen by nobody."""
+        if self.access is not None: return bool(self.access(request, rec))
+        return self.owns(request, rec)
+
+    def owns(self, request: Any, rec: JobRecord) -> bool:
+        """The default access rule: True when `request`'s session deferred the job (for an `access` callable to
+        extend: `access=lambda req, rec: is_admin(req) or tasks.owns(req, rec)`)."""
+        return same_owner(rec.owner, session_owner(request.scope))
+
+    def notify(self, **options: Any) -> Any:
+        """Notify when a job of a task declared with `notify=True` ends (call before declaring those tasks):
+        `toast=True` (a FastHTML toast for the deferring session), `sse=True` (an event on its live stream),
+        `webhook=url, secret=...` (a signed POST, delivered as a job with `retries`). See `fh_tasks.ui.notify`."""
+        from .ui.notify import Notify
+        hook = Notify(self, **options)
+        self.hooks.add(hook)
+        if self.app is not None: hook.install(self.app)
+        return hook
 
     # -- job events ------------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[JobEvent], Any], *,
@@ -264,6 +315,24 @@ class Tasks:
     def close(self) -> None:
         "Release the engine's connections and threads."
         self.engine.close()
+
+    # -- the jobs dashboard and metrics -----------------------------------------------------------
+    def dashboard(self, path: str = "/tasks", *, auth: Callable[[Any], Any] | None = None, local_only: bool = False,
+                  metrics: bool = True, app: Any = None, stream_seconds: float = 15.0) -> None:
+        """Mount the jobs dashboard on the hub's FastHTML app (or `app`) at `path`, behind the app's own Beforeware.
+
+        `auth(req)` (sync or async) decides who may use it: truthy lets the request through, a `Response` is sent
+        as is (a redirect to a login page), anything else is answered 403. Without `auth` it refuses to mount,
+        unless `local_only=True`, for local development: then it answers requests from loopback only. `metrics`
+        serves `{path}/metrics` (Prometheus text, same auth). See fh_tasks/ui/dashboard.py."""
+        from .ui.dashboard import mount
+        mount(self, app if app is not None else self.app, path, auth=auth, local_only=local_only, metrics=metrics,
+              stream_seconds=stream_seconds)
+
+    def metrics(self) -> str:
+        "The hub's figures in the Prometheus text format (jobs by state, runs, queue depth and age, run times)."
+        from .ui.metrics import render
+        return render(self)
 
     # -- binding to an app -----------------------------------------------------------------------
     def init_app(self, app: Any) -> None:

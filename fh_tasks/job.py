@@ -48,6 +48,7 @@ class Job(BackgroundTask):
 
     @property
     def state(self) -> JobState | None:
+        "The job's state, read from the store now (None: not stored yet, or deleted)."
         rec = self.get()
         return rec.state if rec else None
 

@@ -7,14 +7,23 @@ before any handler sees it, whatever the handler's formatter; a logger's filters
 on that very logger (not on its children), so add it to the logger that logs:
 
     worker_log.addFilter(EscapingFilter())
+
+For log shippers, `JsonFormatter` writes one JSON object per line (`fh-tasks worker --log-format json`): the time,
+level, logger, message, process, and the record's extra fields; every worker line about a job has `job_id` and
+`task`. JSON escapes control characters, so stored text cannot forge a line there either.
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
 import traceback
 from typing import Any
 
-__all__ = ["escape", "EscapingFormatter", "EscapingFilter"]
+__all__ = ["escape", "EscapingFormatter", "EscapingFilter", "JsonFormatter"]
+
+#: The attributes every `LogRecord` has; the others are the `extra=` fields a JSON line carries.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
 def escape(text: Any) -> str:
@@ -51,3 +60,18 @@ class EscapingFilter(logging.Filter):
             record.exc_text = _block("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
         if record.stack_info: record.stack_info = _block(record.stack_info)
         return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: `time` (UTC, ISO 8601), `level`, `logger`, `message`, `process`, the record's
+    extra fields (`job_id`, `task`, `action`, `attempt`, `error_type`...), and `traceback` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        out: dict[str, Any] = {"time": t, "level": record.levelname, "logger": record.name,
+                               "message": record.getMessage(), "process": record.process}
+        out.update((k, v) for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_"))
+        if record.exc_info: out["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text: out["traceback"] = record.exc_text
+        if record.stack_info: out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)

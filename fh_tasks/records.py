@@ -32,6 +32,7 @@ class JobState(str, Enum):
 
     @property
     def final(self) -> bool:
+        "True for `succeeded`, `failed` and `cancelled`: the job will not change again (unless retried by hand)."
         return self in _FINAL
 
 
@@ -65,6 +66,8 @@ class JobRecord:
     parent: str | None = None
     worker: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: an opaque token of the session that deferred the job (None outside a request); status routes check it
+    owner: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> JobRecord:
@@ -101,7 +104,7 @@ class JobRecord:
                    created_at=num("created_at", float, 0.0), run_at=num("run_at", float, 0.0),
                    started_at=num("started_at", float, None), finished_at=num("finished_at", float, None),
                    result=_loads(get("result")), error=_error(get("error")), progress=_loads(get("progress")),
-                   parent=opt_text("parent"), worker=opt_text("worker"), raw=raw)
+                   parent=opt_text("parent"), worker=opt_text("worker"), raw=raw, owner=opt_text("owner"))
 
     @property
     def state_text(self) -> str:
@@ -163,6 +166,7 @@ class NewJob:
     run_at: float = 0.0
     created_at: float = 0.0
     parent: str | None = None
+    owner: str | None = None  #: the deferring session's token (see `JobRecord.owner`)
 
     @property
     def state(self) -> str:

@@ -5,7 +5,7 @@ import inspect
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -17,7 +17,7 @@ from .retry import RetryPolicy
 if TYPE_CHECKING:
     from .hub import Tasks
 
-__all__ = ["Task", "TaskOptions", "registered", "task_name", "new_id"]
+__all__ = ["Task", "TaskOptions", "Call", "registered", "task_name", "new_id"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,6 +74,41 @@ class TaskOptions:
             raise ValueError(f"retry_delay must be >= 0 seconds, not {self.retry_delay!r}")
 
 
+class Call:
+    """One call of a task with both positional and keyword arguments, for `defer_many`: `Call(1, 2, cc=True)`."""
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, /, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __repr__(self) -> str:
+        return f"Call(*{self.args!r}, **{self.kwargs!r})"
+
+
+#: An item of `defer_many`: a tuple of positional arguments, a dict of keyword arguments, or a `Call` (both).
+CallItem = tuple[Any, ...] | dict[str, Any] | Call
+
+
+def _defer_many(task: Task[Any, Any], calls: Iterable[CallItem], opts: TaskOptions) -> list[Job]:
+    "Validate every call (an error names the item's index, and nothing is stored), then store them in one batch."
+    news = []
+    for i, c in enumerate(calls):
+        if isinstance(c, Call): args, kwargs = c.args, c.kwargs
+        elif isinstance(c, tuple): args, kwargs = c, {}
+        elif isinstance(c, dict) and all(isinstance(k, str) for k in c): args, kwargs = (), c
+        else:
+            what = "a dict whose keys are not all strings" if isinstance(c, dict) else f"a {type(c).__name__}"
+            raise TypeError(f"{task.name}.defer_many: item {i} is {what}; give a tuple of positional arguments, a dict "
+                            "of keyword arguments, or fh_tasks.Call(*args, **kwargs)")
+        try: news.append(task.new_job(args, kwargs, opts))
+        except (TypeError, ValueError) as e:
+            try: err = type(e)(f"{task.name}.defer_many: item {i}: {e}")
+            except Exception: raise e from None
+            raise err from None
+    return task.hub.enqueue_many(news, task)
+
+
 def _number(x: Any) -> bool:
     "A real number (bools are ints to Python, but `timeout=True` is a mistake)."
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -109,6 +144,16 @@ class Task(Generic[P, R]):
         """
         return self.hub.enqueue(self.new_job(args, kwargs, self.options), self)
 
+    def defer_many(self, calls: Iterable[CallItem]) -> list[Job]:
+        """Queue many calls at once and return their `Job`s, in order: stored in one transaction.
+
+        Each item is a tuple of positional arguments (`("a.png",)`), a dict of keyword arguments (`{"path": "a.png"}`)
+        or a `Call` for both (`Call("a.png", size=2)`). Every call is checked first: a wrong item raises a `TypeError`
+        (or `ValueError`) naming its index, and then no job is stored. Inside a request the jobs join the request's
+        batch (stored when the response starts, as `defer()`); elsewhere they are stored at once.
+        """
+        return _defer_many(self, calls, self.options)
+
     def option(self, name: str, default: Any = None) -> Any:
         "The value of a task option declared by a hook (`@tasks.task(name=value)`), or `default`."
         return self.options.extra.get(name, default)
@@ -142,3 +187,7 @@ class Deferrer(Generic[P]):
     def defer(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         "Queue a call with these options; see `Task.defer`."
         return self.task.hub.enqueue(self.task.new_job(args, kwargs, self.options), self.task)
+
+    def defer_many(self, calls: Iterable[CallItem]) -> list[Job]:
+        "Queue many calls with these options, in one transaction; see `Task.defer_many`."
+        return _defer_many(self.task, calls, self.options)

@@ -13,22 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .owner import ensure_owner
 from .ui.status import mount_routes
 
 if TYPE_CHECKING:
     from .hub import Tasks
     from .job import Job
 
-__all__ = ["JobsMiddleware", "bind", "hold", "holds"]
+__all__ = ["JobsMiddleware", "bind", "hold", "holds", "owner", "session"]
 
 
 class _Batch:
     "The jobs deferred during one request, stored together when the response starts."
-    __slots__ = ("jobs", "open")
+    __slots__ = ("jobs", "open", "scope")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Scope) -> None:
         self.jobs: list[Job] = []
         self.open = True
+        self.scope = scope
 
 
 _batch: ContextVar[_Batch | None] = ContextVar("fh_tasks_batch", default=None)
@@ -40,6 +42,20 @@ def hold(job: Job) -> bool:
     if batch is None or not batch.open: return False
     batch.jobs.append(job)
     return True
+
+
+def owner() -> str | None:
+    """The owner token of the current request's session, made and kept in the session if it has none yet; None
+    outside a request or without sessions (Starlette's `SessionMiddleware`, always on in FastHTML)."""
+    sess = session()
+    return ensure_owner(sess) if sess is not None else None
+
+
+def session() -> dict[str, Any] | None:
+    "The current request's session (a dict), or None outside a request or without sessions."
+    batch = _batch.get()
+    sess = batch.scope.get("session") if batch is not None else None
+    return sess if isinstance(sess, dict) else None
 
 
 def holds(job: Job) -> bool:
@@ -61,7 +77,7 @@ class JobsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http": return await self.app(scope, receive, send)
-        batch = _Batch()
+        batch = _Batch(scope)
         token = _batch.set(batch)
 
         async def send_jobs_first(message: Message) -> None:
@@ -84,7 +100,10 @@ class JobsMiddleware:
 
 def bind(hub: Tasks, app: Any) -> None:
     "Bind `hub` to `app`: its routes (first: a clash leaves the app as it was), the middleware, the lifespan."
-    if hub.prefix is not None: mount_routes(hub, app, hub.prefix)
+    if hub.prefix is not None:
+        from .ui.live import hook_server_shutdown
+        mount_routes(hub, app, hub.prefix)
+        hook_server_shutdown()
     state = app.state
     if not getattr(state, "fh_tasks_middleware", False):
         app.add_middleware(JobsMiddleware)
@@ -92,6 +111,7 @@ def bind(hub: Tasks, app: Any) -> None:
     ls = getattr(app, "lifespan", None)
     if ls is not None and hasattr(ls, "startup") and hasattr(ls, "shutdown"):  # FastHTML's own Lifespan
         ls.startup.append(hub.start)
+        ls.shutdown.append(_end_streams)
         ls.shutdown.append(hub.stop)
     else:
         _wrap_lifespan(app, hub)
@@ -106,6 +126,13 @@ def _wrap_lifespan(app: Any, hub: Tasks) -> None:
         try:
             async with inner(a) as state: yield state
         finally:
+            await _end_streams()
             await hub.stop()
 
     app.router.lifespan_context = lifespan
+
+
+async def _end_streams() -> None:
+    "The live streams and sockets of this loop end (for servers that shut down the app before its connections)."
+    from .ui.live import end_streams
+    end_streams()

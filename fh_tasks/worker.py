@@ -15,14 +15,13 @@ import socket
 import time
 import traceback
 import uuid
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, _current
 from .encoding import decode_args, encode_value, is_utf8, sql_value, storable_text
 from .errors import ArgumentError, PayloadTooLarge, QueueBusy, QueueUnavailable, TaskTimeout
-from .executors import ProcessPool, call_in_thread, process_pool, thread_pool
+from .executors import DaemonThreadPool, ProcessPool, call_in_thread, process_pool, thread_pool
 from .progress import FLUSH_EVERY
 from .records import Claim, Outcome, WorkerInfo
 
@@ -35,8 +34,13 @@ __all__ = ["Worker"]
 log = logging.getLogger("fh_tasks.worker")
 #: Seconds between the worker's WAL checkpoints.
 CHECKPOINT_EVERY = 0.5
+#: Seconds between two checks for running jobs cancelled by `tasks.cancel(id, running=True)` (only while jobs run).
+CANCEL_CHECK_EVERY = 0.5
 #: Most jobs claimed in one statement.
 CLAIM_BATCH = 64
+#: Seconds a busy worker lets doorbell rings gather before it claims: one claim then takes the jobs of several
+#: commits of a producer in another process (an idle worker claims at once).
+RING_GATHER = 0.001
 #: The workers running in this process. A suspect job (one that was running in a worker that died) runs only
 #: while no other job runs in the process, and no worker of the process claims anything beside it.
 _in_process: set[Worker] = set()
@@ -78,7 +82,7 @@ class Worker:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._threads: Executor | None = None
+        self._threads: DaemonThreadPool | None = None
         self._ended: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = collections.deque()
         self._ended_signalled = False
         self._procs: ProcessPool | None = None
@@ -88,6 +92,7 @@ class Worker:
         self._backlog = True       # the last claim filled every free slot: freed slots should claim at once
         self._reserved = 0         # slots promised to jobs handed over by `handoff` and not started yet
         self._linger: asyncio.TimerHandle | None = None
+        self._ring: asyncio.TimerHandle | None = None  # a gathered doorbell ring, due to wake the worker
         self._suspect: Claim | None = None  # the suspect job this worker runs alone
         self._held = False         # busy while a suspect job waits: it claims nothing (and takes no handoff) to drain
         self._tasks = (-1, "[]")   # (registry size, JSON list of the names of the tasks this worker can run)
@@ -123,6 +128,7 @@ class Worker:
         upkeep = () if self.burst else (self._heartbeats(), self._checkpoints())
         side = [asyncio.ensure_future(c) for c in upkeep]
         side.append(asyncio.ensure_future(self._progress_flushes()))
+        if not self.burst: side.append(asyncio.ensure_future(self._cancel_checks()))
         if any(t.options.process and t.options.queue in self.queues for t in self.engine.registry.values()):
             self._procs = process_pool()
             side.append(asyncio.ensure_future(self._procs.warm()))  # so the first process job need not wait
@@ -153,11 +159,12 @@ class Worker:
         "Watch the store's doorbell, so other processes' new jobs wake this worker without waiting for a poll."
         bell = self.store.listen() if not self.burst else None
         if bell is not None and bell.listening is not None and self._loop is not None and self._wake is not None:
-            wake = self._wake
+            wake, loop = self._wake, self._loop
 
             def rung() -> None:
                 bell.drain()
-                wake.set()
+                if not self.running: wake.set()
+                elif self._ring is None: self._ring = loop.call_later(RING_GATHER, self._rang)
 
             self._loop.add_reader(bell.listening.fileno(), rung)
         return bell
@@ -207,6 +214,11 @@ class Worker:
         # Busy, nothing claimed: perhaps a suspect job waits for this worker to drain (then take no handoff either).
         if asked: self._held = not claims and not alone and self.store.suspect_due(self.queues, self.task_names())
         return asked, len(claims)
+
+    def _rang(self) -> None:
+        "The gathered doorbell rings (or freed slots) are due: wake the worker."
+        self._ring = None
+        if self._wake is not None: self._wake.set()
 
     def _waits(self) -> bool:
         "Claims nothing until a job ends: a suspect job runs in this process, or this worker drains for one."
@@ -304,6 +316,23 @@ class Worker:
             try: await loop.run_in_executor(None, store.flush_progress)
             except Exception: self.log.warning("could not record progress; will retry", exc_info=True)
 
+    async def _cancel_checks(self) -> None:
+        """Cancelling running jobs (`tasks.cancel(id, running=True)`): every `CANCEL_CHECK_EVERY` seconds, from a
+        thread, ask the store which running attempts were cancelled; an async or process job is stopped, a sync one
+        sees `current_job().cancelled` (and `progress()` raises `JobCancelled`). Its outcome is refused by fencing."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_EVERY)
+            if not self.running: continue
+            try: found = await loop.run_in_executor(None, self.store.cancelled_among, list(self.running))
+            except Exception:
+                self.log.warning("could not check for cancelled jobs; will retry", exc_info=True)
+                continue
+            for key in found:
+                run = self.running.get(key)
+                if run is None or run.future is None or run.task is None: continue
+                if run.task.is_async or run.task.options.process: run.future.cancel()
+
     async def _checkpoints(self) -> None:
         "Checkpoint the WAL from a thread, off the commit path, so it stays small and commits stay cheap."
         checkpoint, loop = self.store.checkpoint, asyncio.get_running_loop()
@@ -369,7 +398,7 @@ class Worker:
                 try: loop.call_soon_threadsafe(self._hand_back)
                 except RuntimeError: pass  # the loop is closed: the job was given back already
 
-        self._threads.submit(job)
+        self._threads.run(job)
         return fut
 
     def _hand_back(self) -> None:
@@ -466,7 +495,11 @@ class Worker:
         """A slot freed or an outcome is waiting. With a backlog, claim again at once; otherwise linger briefly,
         so the outcome rides along with the next commit (a request storing a job, or the next claim)."""
         if self._wake is None or self._loop is None: return
-        if self._backlog or self.burst or self._stopping: self._wake.set()
+        if self.burst or self._stopping: self._wake.set()
+        elif self._backlog:
+            # Claim when half the slots are free, or soon: one claim per freed slot would cost a commit per job.
+            if 2 * (self.concurrency - len(self.running) - self._reserved) >= self.concurrency: self._wake.set()
+            elif self._ring is None: self._ring = self._loop.call_later(RING_GATHER, self._rang)
         elif self._linger is None: self._linger = self._loop.call_later(self.linger, self._wake.set)
 
     # -- in-process handoff: a request's commit takes new jobs and records finished ones ---------

@@ -25,4 +25,7 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || true
 fi
 
+# The dev extra: pytest, and what the docs build (mkdocs, mkdocstrings) and the wheel test (build) need.
+"$PY" -c 'import mkdocs, mkdocstrings_handlers.python, build, pytest' 2>/dev/null || "$PY" -m pip install -q -e '.[dev]'
+
 "$PY" -m pytest "$@"

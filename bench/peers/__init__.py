@@ -40,7 +40,10 @@ class Peer(ABC):
     #: The bulk enqueue API measured by `put_batches`, or "" when the library has none.
     batch_api = ""
     #: Which measurements this peer takes part in.
-    measures: frozenset[str] = frozenset({"enqueue", "drain", "pickup"})
+    measures: frozenset[str] = frozenset({"enqueue", "drain", "pickup", "load"})
+    #: The load scenario (`bench/load.py`): True while `put` defers the job whose body makes one Redis round trip
+    #: (`bench.io_job`) instead of the no-op.
+    io = False
 
     def __init__(self, env: Env) -> None:
         self.env = env
@@ -89,7 +92,10 @@ class Peer(ABC):
 PEER_MODULES = {
     "fh-tasks": "fh_peer", "fh-tasks-async": "fh_peer", "fh-tasks-full": "fh_peer",
     "huey-sqlite": "huey_peer", "huey-redis": "huey_peer",
-    "celery": "celery_peer", "dramatiq": "dramatiq_peer", "rq": "rq_peer", "rq-simple": "rq_peer", "arq": "arq_peer",
+    "celery": "celery_peer", "fh-celery": "fh_celery_peer", "celery-late": "fh_celery_peer",
+    "dramatiq": "dramatiq_peer",
+    "fh-dramatiq": "fh_dramatiq_peer", "rq": "rq_peer",
+    "rq-simple": "rq_peer", "arq": "arq_peer",
 }
 
 

@@ -10,6 +10,7 @@ from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 
 from ..common import PY, flush_redis
+from ..io_job import aroundtrip
 from ..probe import record
 from . import Peer, job_arg
 
@@ -22,9 +23,13 @@ async def noop(ctx: dict[str, Any], arg: dict[str, Any]) -> None:
     record(arg)
 
 
+async def io(ctx: dict[str, Any], arg: dict[str, Any]) -> None:
+    await aroundtrip(arg)
+
+
 class WorkerSettings:
     "What `arq bench.peers.arq_peer.WorkerSettings` runs."
-    functions = [noop]
+    functions = [noop, io]
     redis_settings = RedisSettings.from_dsn(URL)
 
 
@@ -41,11 +46,11 @@ class ArqPeer(Peer):
         self.pool: ArqRedis = self.loop.run_until_complete(create_pool(WorkerSettings.redis_settings))
 
     def put(self, arg: dict[str, Any]) -> None:
-        self.loop.run_until_complete(self.pool.enqueue_job("noop", arg))
+        self.loop.run_until_complete(self.pool.enqueue_job("io" if self.io else "noop", arg))
 
     def put_many(self, n: int) -> None:
         async def go() -> None:
-            for _ in range(n): await self.pool.enqueue_job("noop", job_arg())
+            for _ in range(n): await self.pool.enqueue_job("io" if self.io else "noop", job_arg())
         self.loop.run_until_complete(go())
 
     def worker_commands(self, procs: int) -> list[list[str]]:

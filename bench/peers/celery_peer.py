@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery, group
 
 from ..common import PY, flush_redis
+from ..io_job import roundtrip
 from ..probe import record
 from . import Peer
 
@@ -22,6 +23,11 @@ def noop(arg: dict[str, Any]) -> None:
     record(arg)
 
 
+@app.task(name="io")
+def io(arg: dict[str, Any]) -> None:
+    roundtrip(arg)
+
+
 class CeleryPeer(Peer):
     key = label = "celery"
     concurrency = "`celery worker -P prefork -c 1` (one pool child; 2 processes: `-c 2`), default prefetch ×4"
@@ -32,7 +38,7 @@ class CeleryPeer(Peer):
         flush_redis(BROKER)
 
     def put(self, arg: dict[str, Any]) -> None:
-        noop.delay(arg)
+        (io if self.io else noop).delay(arg)
 
     def put_batches(self, n: int, size: int) -> bool:
         from . import job_arg

@@ -8,6 +8,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 from ..common import PY, flush_redis
+from ..io_job import roundtrip
 from ..probe import record
 from . import Peer, job_arg
 
@@ -23,6 +24,11 @@ def noop(arg: dict[str, Any]) -> None:
     record(arg)
 
 
+@dramatiq.actor(queue_name="bench", max_retries=0)
+def io(arg: dict[str, Any]) -> None:
+    roundtrip(arg)
+
+
 class DramatiqPeer(Peer):
     key = label = "dramatiq"
     concurrency = "`dramatiq -p 1 -t 8` (default 8 threads; 2 processes: `-p 2`)"
@@ -33,7 +39,7 @@ class DramatiqPeer(Peer):
         flush_redis(URL)
 
     def put(self, arg: dict[str, Any]) -> None:
-        noop.send(arg)
+        (io if self.io else noop).send(arg)
 
     def put_batches(self, n: int, size: int) -> bool:
         for start in range(0, n, size):

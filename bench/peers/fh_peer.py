@@ -6,6 +6,7 @@ from typing import Any
 from fh_tasks import Tasks
 
 from ..common import PY
+from ..io_job import aroundtrip, roundtrip
 from ..probe import record
 from . import Peer, job_arg
 
@@ -24,6 +25,14 @@ def make_hub(db: str, **kw: Any) -> Tasks:
     async def anoop(arg: dict[str, Any]) -> None:
         record(arg)
 
+    @tasks.task(name="bench.io")
+    def io(arg: dict[str, Any]) -> None:
+        roundtrip(arg)
+
+    @tasks.task(name="bench.aio")
+    async def aio(arg: dict[str, Any]) -> None:
+        await aroundtrip(arg)
+
     return tasks
 
 
@@ -35,9 +44,9 @@ class FhTasks(Peer):
     key = label = "fh-tasks"
     concurrency = (f"`fh-tasks worker --concurrency {CONCURRENCY}` (its default: {CONCURRENCY} threads for a sync "
                    "`def` task); 2 processes: `--processes 2`")
-    batch_api = ("`Store.enqueue(list)` (no public bulk `defer` yet): one transaction per batch, "
-                 "`Task.new_job` per job")
+    batch_api = "`task.defer_many([...])`: one transaction per batch, every call checked as `defer()` checks it"
     task = "bench.noop"
+    io_task = "bench.io"
     hub_kw: dict[str, Any] = {}
 
     def reset(self) -> None:
@@ -45,15 +54,14 @@ class FhTasks(Peer):
         self.rep += 1
         self.db = str(self.dir / f"jobs-{self.rep}.db")
         self.hub = make_hub(self.db, **self.hub_kw)
-        self.t = self.hub.registry[self.task]
+        self.t = self.hub.registry[self.io_task if self.io else self.task]
 
     def put(self, arg: dict[str, Any]) -> None:
         self.t.defer(arg)
 
     def put_batches(self, n: int, size: int) -> bool:
-        t, store = self.t, self.hub.store
-        for start in range(0, n, size):
-            store.enqueue([t.new_job((job_arg(),), {}, t.options) for _ in range(min(size, n - start))])
+        t = self.t
+        for start in range(0, n, size): t.defer_many([(job_arg(),) for _ in range(min(size, n - start))])
         return True
 
     def worker_commands(self, procs: int) -> list[list[str]]:
@@ -69,7 +77,8 @@ class FhTasksAsync(FhTasks):
     key = label = "fh-tasks-async"
     concurrency = f"as fh-tasks, with an `async def` task (runs on the worker's event loop, {CONCURRENCY} at once)"
     task = "bench.anoop"
-    measures = frozenset({"drain"})
+    io_task = "bench.aio"
+    measures = frozenset({"drain", "load"})
 
 
 class FhTasksFull(FhTasks):

@@ -10,24 +10,29 @@ from typing import Any
 from huey import Huey, RedisHuey, SqliteHuey
 
 from ..common import PY
+from ..io_job import roundtrip
 from ..probe import record
 from . import Peer
 
 
-def make_huey(kind: str, target: str) -> tuple[Huey, Any]:
-    "A huey on `target` (a file for sqlite, a URL for redis) and its registered no-op task."
+def make_huey(kind: str, target: str) -> tuple[Huey, Any, Any]:
+    "A huey on `target` (a file for sqlite, a URL for redis), its no-op task and its one-Redis-round-trip task."
     h: Huey = SqliteHuey("bench", filename=target) if kind == "sqlite" else RedisHuey("bench", url=target)
 
     @h.task(name="noop")
     def noop(arg: dict[str, Any]) -> None:
         record(arg)
 
-    return h, noop
+    @h.task(name="io")
+    def io(arg: dict[str, Any]) -> None:
+        roundtrip(arg)
+
+    return h, noop, io
 
 
 # What the consumer (and the request benchmark's app) use; the harness builds its own per repetition.
-huey, noop = (make_huey(os.environ["BENCH_HUEY_KIND"], os.environ["BENCH_HUEY_TARGET"])
-              if os.environ.get("BENCH_HUEY_KIND") else (None, None))
+huey, noop, io = (make_huey(os.environ["BENCH_HUEY_KIND"], os.environ["BENCH_HUEY_TARGET"])
+                  if os.environ.get("BENCH_HUEY_KIND") else (None, None, None))
 
 
 class HueySqlite(Peer):
@@ -41,7 +46,8 @@ class HueySqlite(Peer):
     def reset(self) -> None:
         self.close()
         self.rep += 1
-        self.h, self.task = make_huey(self.kind, self.target())
+        self.h, noop, io = make_huey(self.kind, self.target())
+        self.task = io if self.io else noop
         self.h.flush()
 
     def put(self, arg: dict[str, Any]) -> None:

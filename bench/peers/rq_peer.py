@@ -9,6 +9,7 @@ from redis import Redis
 from rq import Queue
 
 from ..common import PY, flush_redis
+from ..io_job import roundtrip
 from ..probe import record
 from . import Peer, job_arg
 
@@ -21,12 +22,17 @@ def noop(arg: dict[str, Any]) -> None:
     record(arg)
 
 
+def io(arg: dict[str, Any]) -> None:
+    roundtrip(arg)
+
+
 class RqPeer(Peer):
     key = label = "rq"
     concurrency = ("`rq worker` (default `Worker`: one job at a time, forks a work-horse per job); "
                    "2 processes: two workers")
     batch_api = "`Queue.enqueue_many([...])` (one Redis pipeline per batch)"
     worker_class: str | None = None
+    measures = frozenset({"enqueue", "drain", "pickup"})  # a fork per job: the load scenario would outlast its budget
 
     def reset(self) -> None:
         self.close()
@@ -36,7 +42,7 @@ class RqPeer(Peer):
         self.q = Queue("bench", connection=self.conn)
 
     def put(self, arg: dict[str, Any]) -> None:
-        self.q.enqueue(noop, arg)
+        self.q.enqueue(io if self.io else noop, arg)
 
     def put_batches(self, n: int, size: int) -> bool:
         for start in range(0, n, size):
@@ -57,6 +63,7 @@ class RqSimplePeer(RqPeer):
     key = label = "rq-simple"
     concurrency = "`rq worker -w rq.worker.SimpleWorker` (one job at a time, no fork); 2 processes: two workers"
     worker_class = "rq.worker.SimpleWorker"
+    measures = frozenset({"enqueue", "drain", "pickup", "load"})
 
 
 PEERS = {"rq": RqPeer, "rq-simple": RqSimplePeer}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..context import _current
-from ..engine import Capabilities, EngineSettings
+from ..engine import RUN_TIME_BUCKETS, Capabilities, EngineSettings, Overview
 from ..errors import QueueBusy, QueueUnavailable
 from ..events import EventBus
 from ..records import JobRecord, NewJob
@@ -36,8 +36,9 @@ class SQLiteEngine:
     "The embedded engine: a `SQLiteStore` and the built-in `Worker` (see the module docstring)."
 
     name = "sqlite"
-    capabilities = Capabilities(listing=True, progress=True, events=True, cancel_queued=True, retry=True, delay=True,
-                                chains=True, async_tasks=True, process_pool=True, in_process_workers=True, burst=True)
+    capabilities = Capabilities(listing=True, progress=True, events=True, cancel_queued=True, cancel_running=True,
+                                retry=True, delay=True, chains=True, async_tasks=True, process_pool=True,
+                                in_process_workers=True, burst=True, stats=True, admin=True)
 
     def __init__(self, settings: EngineSettings | None = None, *, store: SQLiteStore | None = None) -> None:
         s = self.settings = settings or EngineSettings()
@@ -109,9 +110,9 @@ class SQLiteEngine:
         return None
 
     def _store_handing_off(self, w: Worker, rows: list[NewJob]) -> None:
-        now = self.clock()
+        now, paused = self.clock(), self.store.paused_queues()  # a paused queue's jobs are not handed off
         due = [r for r in rows if r.parent is None and r.run_at <= now and r.queue in w.queues
-               and r.task in self.registry][:w.handoff_slots()]
+               and r.queue not in paused and r.task in self.registry][:w.handoff_slots()]
         taken = {r.id for r in due}
         rest = [r for r in rows if r.id not in taken]
         outcomes = w.take_outcomes()
@@ -153,6 +154,10 @@ class SQLiteEngine:
 
     def cancel(self, id: str) -> bool:
         return self.store.cancel(id)
+
+    def cancel_running(self, id: str) -> bool:
+        "Cancel a running job: its worker stops an async or process attempt; a sync one sees the flag (`worker.py`)."
+        return self.store.cancel_running(id)
 
     def retry(self, id: str) -> bool:
         return self.store.requeue(id)
@@ -208,6 +213,45 @@ class SQLiteEngine:
     def close(self) -> None:
         self.bus.close()
         self.store.close()
+
+    # -- the jobs dashboard (capabilities `stats` and `admin`) ----------------------------------------------------
+    def page(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
+             since: float | None = None, before: str | None = None,
+             limit: int = 50) -> tuple[list[JobRecord], str | None]:
+        key = int(before) if before and before.isdigit() else None
+        rows = self.store.page(state=state, task=task, queue=queue, since=since, before=key, limit=limit + 1)
+        more = len(rows) > limit
+        return rows[:limit], str(rows[limit - 1].raw["seq"]) if more else None
+
+    def overview(self, window: float = 3600.0) -> Overview:
+        s, now = self.store, self.clock()
+        since = now - window
+        ok, bad = s.per_minute(since)
+        minutes = int(window // 60)
+        running = s.running_by_worker()
+        workers = [(w, running.get(w.id, 0)) for w in s.workers()]
+        le, n, total = s.run_times(since, RUN_TIME_BUCKETS)
+        gone, failed = s.run_totals()
+        return Overview(at=now, window=window, counts=s.counts_by(), queues=s.queue_depths(),
+                        paused=s.paused_queues(fresh=True), succeeded=[ok.get(m, 0) for m in range(minutes)],
+                        failed=[bad.get(m, 0) for m in range(minutes)], workers=workers,
+                        run_times=list(zip(RUN_TIME_BUCKETS, le, strict=True)), run_count=n, run_sum=total,
+                        gone_succeeded=gone, failed_attempts=failed)
+
+    def attempts(self, id: str) -> list[dict[str, Any]]:
+        return self.store.attempts(id)
+
+    def delete(self, id: str) -> bool:
+        return self.store.delete(id)
+
+    def retry_failed(self, task: str) -> int:
+        return self.store.requeue_failed(task)
+
+    def pause(self, queue: str) -> None:
+        self.store.pause(queue)
+
+    def resume(self, queue: str) -> None:
+        self.store.resume(queue)
 
 
 if TYPE_CHECKING:

@@ -1,14 +1,14 @@
 -- Named queries, loaded by name into a dict. Times are Unix seconds (REAL).
 
 -- name: insert
-INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent)
-VALUES (:id, :task, :queue, :args, :state, :max_attempts, :timeout, :run_at, :created_at, :parent);
+INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent, owner)
+VALUES (:id, :task, :queue, :args, :state, :max_attempts, :timeout, :run_at, :created_at, :parent, :owner);
 
 -- name: insert_claimed
 -- A new job handed straight to an in-process worker with a free slot: stored as claimed (attempt 1).
 INSERT INTO fh_jobs (id, task, queue, args, state, attempts, max_attempts, timeout, run_at, created_at,
-                     worker, lease_until, started_at)
-VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?);
+                     worker, lease_until, started_at, owner)
+VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: claim
 -- One statement claims a batch: the due jobs of the queues, oldest first. attempts+1 is the new fencing token.
@@ -17,6 +17,10 @@ UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
  WHERE seq IN (SELECT seq FROM ({due}) ORDER BY run_at, seq LIMIT :limit)
 RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost;
+
+-- name: any_due
+-- Is a job of these queues due? Read before a claim that records no outcome, so that an empty claim takes no lock.
+SELECT 1 FROM ({due}) LIMIT 1;
 
 -- name: claim_seq
 -- Claim one given job (a suspect one, which runs alone).
@@ -139,6 +143,16 @@ RETURNING id, state, task, attempts - excused;
 UPDATE fh_jobs SET state = 'cancelled', finished_at = :now
  WHERE id = :id AND state IN ('queued', 'scheduled', 'retrying', 'waiting');
 
+-- name: cancel_running
+-- Cancel a running job (`tasks.cancel(id, running=True)`): final at once; its worker's late outcome and progress are
+-- refused by their fencing (state running), and the worker stops the attempt when it next checks (`cancelled_attempt`).
+UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
+ WHERE id = :id AND state = 'running';
+
+-- name: cancelled_among
+-- Which of a worker's running jobs (a JSON array of ids) were cancelled: one indexed lookup per id, one statement.
+SELECT id, attempts FROM fh_jobs WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'cancelled';
+
 -- name: requeue
 -- Run a finished (failed or cancelled) job again, with a fresh set of attempts. `attempts` is the fencing token and
 -- never goes back (a late outcome of an earlier run must stay refused): the runs so far are excused instead, and
@@ -158,7 +172,7 @@ SELECT * FROM fh_jobs WHERE id = :id;
 -- message only (a malformed error as its text), texts cut at 65,536 characters. NOT json_valid goes first:
 -- json_type raises on malformed JSON, and CASE stops at the first true branch.
 SELECT id, task, queue, state, attempts, max_attempts, run_at, created_at, started_at, finished_at, worker, parent,
-       NULL AS args, NULL AS result, substr(progress, 1, 65536) AS progress,
+       owner, NULL AS args, NULL AS result, substr(progress, 1, 65536) AS progress,
        CASE WHEN error IS NULL THEN NULL
             WHEN NOT json_valid(error) THEN substr(error, 1, 65536)
             WHEN json_type(error) = 'object'
@@ -209,3 +223,84 @@ DELETE FROM fh_listeners WHERE until < :now;
 -- name: prune_events
 -- Keep the newest :keep events, and none older than :before.
 DELETE FROM fh_events WHERE seq <= (SELECT max(seq) FROM fh_events) - :keep OR at < :before;
+
+-- ---- the jobs dashboard (fh_tasks/ui/dashboard.py) and its metrics ----------------------------------------------
+
+-- name: paused
+SELECT queue FROM fh_paused ORDER BY queue;
+
+-- name: pause
+INSERT INTO fh_paused (queue, at) VALUES (:queue, :now) ON CONFLICT (queue) DO NOTHING;
+
+-- name: resume
+DELETE FROM fh_paused WHERE queue = :queue;
+
+-- name: dash_task_totals
+-- Jobs per task, through the fh_jobs_task index alone.
+SELECT task, count(*) FROM fh_jobs INDEXED BY fh_jobs_task GROUP BY task;
+
+-- name: dash_state_totals
+SELECT state, count(*) FROM fh_jobs GROUP BY state;
+
+-- name: dash_state_tasks
+-- Jobs per task in one state (the states other than succeeded: few jobs, found through fh_jobs_state).
+SELECT task, count(*) FROM fh_jobs INDEXED BY fh_jobs_state WHERE state = :state GROUP BY task;
+
+-- name: dash_queues
+-- Due jobs per queue and since when the oldest has been due (the claim's own index, fh_jobs_due).
+SELECT queue, count(*), min(run_at) FROM fh_jobs
+ WHERE state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now GROUP BY queue;
+
+-- name: dash_succeeded_per_minute
+SELECT CAST((finished_at - :since) / 60 AS INTEGER) AS minute, count(*) FROM fh_jobs
+ WHERE state = 'succeeded' AND finished_at >= :since GROUP BY minute;
+
+-- name: dash_failed_per_minute
+-- Failed attempts (retried, failed for good, or lost with their worker).
+SELECT CAST((ended_at - :since) / 60 AS INTEGER) AS minute, count(*) FROM fh_attempts
+ WHERE ended_at >= :since GROUP BY minute;
+
+-- name: dash_running
+SELECT worker, count(*) FROM fh_jobs WHERE state = 'running' GROUP BY worker;
+
+-- name: dash_failed_attempts
+-- Failed attempts per task, of the jobs still stored and of those gone (for the run counters).
+SELECT task, sum(n) FROM (SELECT task, count(*) AS n FROM fh_attempts GROUP BY task
+                          UNION ALL SELECT task, failed FROM fh_gone) GROUP BY task;
+
+-- name: dash_gone_succeeded
+SELECT task, succeeded FROM fh_gone WHERE succeeded > 0;
+
+-- name: record_attempt
+-- A failed attempt, copied into the attempt history once its outcome is recorded (fenced: the job must be in
+-- :state at that attempt; recorded once).
+INSERT INTO fh_attempts (job, task, attempt, state, worker, started_at, ended_at, error)
+SELECT id, task, attempts, state, worker, started_at, coalesce(finished_at, :now), substr(error, 1, 262144)
+  FROM fh_jobs WHERE id = :id AND attempts = :attempt AND state = :state
+   AND NOT EXISTS (SELECT 1 FROM fh_attempts WHERE job = :id AND attempt = :attempt);
+
+-- name: record_lost_attempt
+-- A job taken back from a dead worker (`expire`): its attempt ends in the history as `WorkerLost`.
+INSERT INTO fh_attempts (job, task, attempt, state, worker, started_at, ended_at, error)
+SELECT id, task, attempts, state, :worker, started_at, :now, substr(error, 1, 262144) FROM fh_jobs WHERE seq = :seq;
+
+-- name: dash_attempts
+SELECT attempt, state, worker, started_at, ended_at, error FROM fh_attempts WHERE job = :id ORDER BY seq;
+
+-- name: dash_delete
+-- Only a finished job: a queued one is cancelled first, a running one belongs to its worker.
+DELETE FROM fh_jobs WHERE id = :id AND state IN ('succeeded', 'failed', 'cancelled');
+
+-- name: dash_requeue_failed
+-- `requeue` for every failed job of a task.
+UPDATE fh_jobs SET state = 'queued', run_at = :now, excused = attempts, max_attempts = attempts + max_attempts - excused,
+       finished_at = NULL, error = NULL, result = NULL
+ WHERE task = :task AND state = 'failed';
+
+-- name: dash_first_since
+-- The first job created at or after :since, found by bisecting seq (the PK) with this probe: seq grows with time.
+SELECT seq, created_at FROM fh_jobs WHERE seq >= :seq ORDER BY seq LIMIT 1;
+
+-- name: dash_seq_range
+-- Two subqueries: each min/max alone is read off the end of the table; together in one SELECT they scan it.
+SELECT (SELECT min(seq) FROM fh_jobs), (SELECT max(seq) FROM fh_jobs);

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sqlite3
 import stat
@@ -40,6 +41,10 @@ WORKER_STALE_LEASES = 3
 AUTOCHECKPOINT_PAGES = 8000
 #: Seconds a write waits for another process's lock before `QueueBusy` is raised.
 BUSY_TIMEOUT = 5.0
+#: Waiting for a lock another connection holds: sleeps start at BACKOFF_FIRST seconds and grow by half per try up to
+#: BACKOFF_MAX, each jittered (×0.5–1.5), until `busy_timeout`. SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20,
+#: 25... ms: far longer than a write transaction here holds the lock (~0.1 ms), so it is turned off after connecting.
+BACKOFF_FIRST, BACKOFF_MAX = 20e-6, 2.5e-4
 # Connections inherited across fork() must never be used or closed in the child (sqlite howtocorrupt §2.6).
 _inherited: list[sqlite3.Connection] = []
 
@@ -81,12 +86,14 @@ class SQLiteStore:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._waits_itself = False  # the connection's busy handler is off: see `_own_waits`
         self._pending: list[tuple[Sequence[NewJob], threading.Event]] = []
         self._ckpt: tuple[sqlite3.Connection, int] | None = None
         self._ckpt_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self.on_commit: list[Callable[[], None]] = []
         self._progress = ProgressBuffer()  # see set_progress / record_progress
+        self._cancelled: dict[tuple[str, int], None] = {}  # attempts found cancelled while running (newest last)
         self._bell = None if self.memory or readonly else Doorbell(self.path)
 
     # -- connection ------------------------------------------------------------------------------
@@ -117,6 +124,23 @@ class SQLiteStore:
         return "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
 
     def _connect(self) -> sqlite3.Connection:
+        "The connection, with SQLite's own busy handler waiting up to `busy_timeout` for a lock."
+        c = self._open()
+        if self._waits_itself:
+            c.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            self._waits_itself = False
+        return c
+
+    def _own_waits(self) -> sqlite3.Connection:
+        """The connection with SQLite's busy handler off: the caller waits for locks itself (`_retrying`). SQLite's
+        handler sleeps 1, 2, 5, 10, 15, 20, 25... ms, far longer than a write here holds the lock (~0.1 ms)."""
+        c = self._open()
+        if not self._waits_itself:
+            c.execute("PRAGMA busy_timeout=0")
+            self._waits_itself = True
+        return c
+
+    def _open(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid(): return self._conn
         if self._conn is not None: _inherited.append(self._conn)
         if not self.memory: self._check_path()
@@ -145,7 +169,7 @@ class SQLiteStore:
             if c is not None: c.close()
             if isinstance(e, sqlite3.Error): raise self._wrap(e, "open") from e
             raise
-        self._conn, self._pid = c, os.getpid()
+        self._conn, self._pid, self._waits_itself = c, os.getpid(), False
         return c
 
     def _migrate(self, c: sqlite3.Connection, version: int) -> None:
@@ -176,9 +200,9 @@ class SQLiteStore:
     def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
         "A write transaction (BEGIN IMMEDIATE), rolled back on any error; sqlite errors become StoreErrors."
         with self._lock:
-            c = self._connect()
+            c = self._own_waits()
             try:
-                c.execute("BEGIN IMMEDIATE")
+                self._retrying(c.execute, "BEGIN IMMEDIATE")
             except sqlite3.Error as e:
                 raise self._wrap(e, doing) from e
             try:
@@ -189,9 +213,25 @@ class SQLiteStore:
                 if isinstance(e, sqlite3.Error): raise self._wrap(e, doing) from e
                 raise
 
+    def _retrying(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`; while SQLite answers busy (another connection holds the lock), try again after short jittered
+        sleeps (BACKOFF_FIRST growing to BACKOFF_MAX), up to `busy_timeout` seconds; then the busy error is raised."""
+        try: return fn(*args)
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e): raise
+        deadline, delay = time.monotonic() + self.busy_timeout, BACKOFF_FIRST
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0: return fn(*args)
+            time.sleep(min(left, delay * (0.5 + random.random())))
+            delay = min(delay * 1.5, BACKOFF_MAX)
+            try: return fn(*args)
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e): raise
+
     def _read(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         with self._lock:
-            try: return self._connect().execute(sql, params).fetchall()
+            try: return self._retrying(lambda: self._own_waits().execute(sql, params).fetchall())
             except sqlite3.Error as e: raise self._wrap(e, "read") from e
 
     def data_version(self) -> int:
@@ -229,7 +269,7 @@ class SQLiteStore:
 
     def _insert(self, c: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
         c.executemany(Q["insert"], [(j.id, j.task, j.queue, j.args, j.state, j.max_attempts, j.timeout,
-                                     j.run_at, j.created_at, j.parent) for j in jobs])
+                                     j.run_at, j.created_at, j.parent, j.owner) for j in jobs])
         for j in jobs:
             if j.parent: self._settle_child(c, j)
 
@@ -251,7 +291,8 @@ class SQLiteStore:
             accepted = self._record(c, list(outcomes), now)
             if claimed:
                 c.executemany(Q["insert_claimed"], [(j.id, j.task, j.queue, j.args, j.max_attempts, j.timeout, j.run_at,
-                                                     j.created_at, worker, now + lease, now) for j in jobs[:claimed]])
+                                                     j.created_at, worker, now + lease, now, j.owner)
+                                                    for j in jobs[:claimed]])
             if claimed < len(jobs): self._insert(c, jobs[claimed:])
         if claimed < len(jobs): self._committed()
         return accepted, [Claim(j.id, j.task, j.queue, j.args, 1, j.max_attempts, j.timeout, j.created_at, now)
@@ -301,6 +342,8 @@ class SQLiteStore:
         is claimed on its own by a worker with nothing else running (`alone`, the default); a busy worker
         (`alone=False`) claims nothing then, so that it drains and can take it."""
         outcomes, now = list(outcomes), self.clock()
+        if queues: queues = self._unpaused(queues)  # paused queues (the dashboard) are skipped; cached for a second
+        if not outcomes and not self._any_due(queues, tasks, now): return 0, []  # no write lock taken for nothing
         with self._tx("record results and claim jobs") as c:
             accepted = self._record(c, outcomes, now)
             rows = self._claim_rows(c, worker, queues, limit, lease, now, tasks, alone) if limit > 0 and queues else []
@@ -308,6 +351,13 @@ class SQLiteStore:
         rows.sort(key=_due_order)
         claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now, suspect=bool(r[10])) for r in rows]
         return accepted, claims
+
+    def _any_due(self, queues: Sequence[str], tasks: str | None, now: float) -> bool:
+        """A job of these queues (and tasks) is due: a read, which never waits for the write lock. Workers of several
+        processes woken by one commit would otherwise each take the lock in turn, and all but one claim nothing."""
+        if not queues: return False
+        return bool(self._read(_per_queue("any_due", "due", len(queues)),
+                               {"now": now, "limit": 1, "tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}}))
 
     def _claim(self, c: sqlite3.Connection, worker: str, queues: Sequence[str], limit: int, lease: float, now: float,
                tasks: str | None, alone: bool) -> list[sqlite3.Row]:
@@ -320,19 +370,13 @@ class SQLiteStore:
                          {**p, **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall()
 
     def _claim_rows(self, c: sqlite3.Connection, *args: Any) -> list[sqlite3.Row]:
-        """`_claim`. A claimed row holding text that is not UTF-8 (written behind the store's back) would fail the
-        claim, and so every claim after it: such a claim is made again reading that text with surrogate escapes,
-        so the worker sees the row and fails it alone."""
-        c.execute("SAVEPOINT fh_claim")
-        try: rows = self._claim(c, *args)
-        except sqlite3.OperationalError as e:
-            if "decode" not in str(e) or not c.in_transaction: raise
-            c.execute("ROLLBACK TO fh_claim")
-            c.text_factory = _escaped
-            try: rows = self._claim(c, *args)
-            finally: c.text_factory = str
-        c.execute("RELEASE fh_claim")
-        return rows
+        """`_claim`, reading text with surrogate escapes. A claimed row holding text that is not UTF-8 (written behind
+        the store's back) would otherwise fail the claim, and so every claim after it: this way the worker sees the
+        row and fails it alone (`_bad_row`). No savepoint is needed, and each statement of the transaction is one more
+        moment the thread may wait for the GIL while it holds the write lock."""
+        c.text_factory = _escaped
+        try: return self._claim(c, *args)
+        finally: c.text_factory = str
 
     def _record(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
         """Record outcomes (`_finish`). If that fails for a reason other than a busy or unavailable store (a value the
@@ -388,13 +432,20 @@ class SQLiteStore:
             accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error,
                                                     "run_at": o.run_at}
                                                    for o in rt]).rowcount
+            self._record_attempts(c, rt, "retrying", now)  # the dashboard's attempt history (failures only)
         if (rl := by_kind.get("release")):
             accepted += c.executemany(Q["release"], [{"id": o.id, "attempt": o.attempt} for o in rl]).rowcount
         for o in by_kind.get("fail", ()):
             if c.execute(Q["fail"], {"id": o.id, "attempt": o.attempt, "now": now, "error": o.error}).rowcount:
                 accepted += 1
                 self._cancel_chain(c, o.id, now)
+                self._record_attempts(c, [o], "failed", now)
         return accepted
+
+    def _record_attempts(self, c: sqlite3.Connection, outcomes: Sequence[Outcome], state: str, now: float) -> None:
+        "Copy failed attempts just recorded (the job is now in `state` at that attempt) into fh_attempts."
+        c.executemany(Q["record_attempt"], [{"id": o.id, "attempt": o.attempt, "state": state, "now": now}
+                                            for o in outcomes])
 
     def _cancel_chain(self, c: sqlite3.Connection, id: str, now: float) -> None:
         todo = [id]
@@ -434,6 +485,7 @@ class SQLiteStore:
                                                                    f"expired) while it ran {why}"})
                 p = {"seq": seq, "alone": int(alone), "now": now, "error": err, "crash_attempts": CRASH_ATTEMPTS}
                 if (row := c.execute(Q["expire"], p).fetchone()) is None: continue
+                c.execute(Q["record_lost_attempt"], {"seq": seq, "worker": worker, "now": now})  # attempt history
                 out.append((row[0], row[1]))
                 _log_lost(row[0], row[2], row[1], row[3], alone, beside)
             for id, state in out:
@@ -458,6 +510,7 @@ class SQLiteStore:
 
     def suspect_due(self, queues: Sequence[str], tasks: str | None = None) -> bool:
         "A suspect job of these queues (and tasks, a JSON list) is due: it waits for a worker with nothing running."
+        queues = self._unpaused(queues)  # paused queues are skipped
         return bool(self._read(Q["suspect"], {"now": self.clock(), "queues": json.dumps(list(queues)), "tasks": tasks}))
 
     def running_workers(self) -> int:
@@ -512,6 +565,32 @@ class SQLiteStore:
             if ok: self._cancel_chain(c, id, now)
         return ok
 
+    # -- cancelling running jobs (`tasks.cancel(id, running=True)`) ---------------------------------
+    def cancel_running(self, id: str) -> bool:
+        "Cancel a running job; its worker stops the attempt when it next checks (`cancelled_among`)."
+        now = self.clock()
+        error = json.dumps({"type": "JobCancelled", "message": "cancelled while running"})
+        with self._tx("cancel a running job") as c:
+            ok = c.execute(Q["cancel_running"], {"id": id, "now": now, "error": error}).rowcount > 0
+            if ok: self._cancel_chain(c, id, now)
+        return ok
+
+    def cancelled_among(self, attempts: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        "Which of these running attempts were cancelled; remembered for `is_cancelled` (what `progress()` checks)."
+        keys = set(attempts)
+        if not keys: return set()
+        rows = self._read(Q["cancelled_among"], {"ids": json.dumps(sorted({k[0] for k in keys}))})
+        found = {k for r in rows if (k := (str(r[0]), int(r[1]))) in keys}
+        if found:
+            self._progress.stale(found)
+            self._cancelled.update(dict.fromkeys(found))
+            while len(self._cancelled) > 4096: del self._cancelled[next(iter(self._cancelled))]
+        return found
+
+    def is_cancelled(self, id: str, attempt: int) -> bool:
+        "True once this process's worker found the attempt cancelled."
+        return (id, attempt) in self._cancelled
+
     def requeue(self, id: str) -> bool:
         with self._tx("requeue a job") as c:
             ok = c.execute(Q["requeue"], {"id": id, "now": self.clock()}).rowcount > 0
@@ -527,13 +606,13 @@ class SQLiteStore:
     # valid UTF-8 is decoded with replacement characters, so one odd row never fails a read of many.
     def _records(self, sql: str, params: Any = ()) -> list[JobRecord]:
         with self._lock:
-            c = self._connect()
+            c = self._own_waits()
             try:
-                try: rows = c.execute(sql, params).fetchall()
+                try: rows = self._retrying(lambda: c.execute(sql, params).fetchall())
                 except sqlite3.OperationalError as e:
                     if "decode" not in str(e): raise
                     c.text_factory = _lenient
-                    try: rows = c.execute(sql, params).fetchall()
+                    try: rows = self._retrying(lambda: c.execute(sql, params).fetchall())
                     finally: c.text_factory = str
             except sqlite3.Error as e: raise self._wrap(e, "read") from e
         return [JobRecord.from_row(dict(r)) for r in rows]
@@ -568,6 +647,7 @@ class SQLiteStore:
 
     def next_due(self, queues: Sequence[str], tasks: str | None = None) -> float | None:
         "When the next waiting job of these queues (and tasks, a JSON list) is due (None: nothing waits)."
+        queues = self._unpaused(queues)  # paused queues are skipped
         if not queues: return None
         row = self._read(_per_queue("next_due", "next_due_one", len(queues)),
                          {"tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}})
@@ -601,9 +681,183 @@ class SQLiteStore:
             c.execute(Q["expire_listeners"], {"now": now})
             return c.execute(Q["prune_events"], {"keep": keep, "before": now - max_age}).rowcount
 
+    # -- the jobs dashboard: paused queues, keyset pages, figures, admin (see ui/dashboard.py) --------------------
+    def paused_queues(self, fresh: bool = False) -> frozenset[str]:
+        """The paused queues (workers claim nothing from them). Read at most once a second per process (`fresh`: now),
+        so the claim pays nothing for it; a pause made in another process is honoured within a second."""
+        t = time.monotonic()
+        cached = getattr(self, "_paused", None)
+        if cached is None or fresh or t - cached[0] >= PAUSED_TTL:
+            cached = self._paused = (t, frozenset(str(r[0]) for r in self._read(Q["paused"])))
+        return cached[1]
+
+    def _unpaused(self, queues: Sequence[str]) -> Sequence[str]:
+        "`queues` without the paused ones (the claim, `next_due` and `suspect_due` skip paused queues)."
+        paused = self.paused_queues()
+        return [q for q in queues if q not in paused] if paused else queues
+
+    def pause(self, queue: str) -> None:
+        with self._tx("pause a queue") as c: c.execute(Q["pause"], {"queue": queue, "now": self.clock()})
+        self.paused_queues(fresh=True)
+
+    def resume(self, queue: str) -> None:
+        with self._tx("resume a queue") as c: c.execute(Q["resume"], {"queue": queue})
+        self.paused_queues(fresh=True)
+        self._committed()  # its due jobs can run now
+
+    def counts_by(self) -> list[tuple[str, str, int]]:
+        """(task, state, jobs) for every task and state that has jobs; unknown states as `unknown`. Read through
+        indexes only: totals per task and per state, the tasks of every state but `succeeded` (the bulk, which is
+        what remains), so it costs a pass over two indexes, not over the table."""
+        totals = {str(t): int(n) for t, n in self._read(Q["dash_task_totals"])}
+        out: dict[tuple[str, str], int] = {}
+        for state, _ in self._read(Q["dash_state_totals"]):
+            if state == "succeeded": continue
+            key = state if state in _STATES else JobState.unknown.value
+            for t, n in self._read(Q["dash_state_tasks"], {"state": state}):
+                out[(str(t), key)] = out.get((str(t), key), 0) + int(n)
+        for t, n in totals.items():
+            rest = n - sum(v for (task, _), v in out.items() if task == t)
+            if rest > 0: out[(t, "succeeded")] = rest
+        return [(t, s, n) for (t, s), n in sorted(out.items())]
+
+    def queue_depths(self) -> list[tuple[str, int, float | None]]:
+        "(queue, due jobs, since when the oldest has been due) for every queue with due jobs."
+        return [(str(q), int(n), float(t) if isinstance(t, (int, float)) else None)
+                for q, n, t in self._read(Q["dash_queues"], {"now": self.clock()})]
+
+    def per_minute(self, since: float) -> tuple[dict[int, int], dict[int, int]]:
+        "Succeeded jobs and failed attempts per minute since `since` (minute 0 starts at `since`)."
+        ok = {int(m): int(n) for m, n in self._read(Q["dash_succeeded_per_minute"], {"since": since})}
+        bad = {int(m): int(n) for m, n in self._read(Q["dash_failed_per_minute"], {"since": since})}
+        return ok, bad
+
+    def running_by_worker(self) -> dict[str, int]:
+        return {str(w): int(n) for w, n in self._read(Q["dash_running"]) if w is not None}
+
+    def run_times(self, since: float, buckets: Sequence[float]) -> tuple[list[int], int, float]:
+        """Run times (finished_at - started_at of the last attempt) of the jobs finished since `since` (the latest
+        RUN_TIMES_LAST of them): how many took at most each of `buckets` seconds (cumulative), how many, their sum."""
+        le = ", ".join(f"coalesce(sum(d <= {float(b)!r}), 0)" for b in buckets)
+        row = self._read(f"SELECT {le}{',' if le else ''} count(d), coalesce(sum(d), 0.0) FROM (SELECT finished_at - "
+                         "started_at AS d FROM fh_jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= "
+                         ":since AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT :last)",
+                         {"since": since, "last": RUN_TIMES_LAST})[0]
+        return [int(v) for v in row[:len(buckets)]], int(row[-2]), float(row[-1])
+
+    def run_totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        "Succeeded runs of jobs gone (pruned or deleted) and failed attempts in all, per task (for the run counters)."
+        gone = {str(t): int(n) for t, n in self._read(Q["dash_gone_succeeded"])}
+        return gone, {str(t): int(n) for t, n in self._read(Q["dash_failed_attempts"])}
+
+    def attempts(self, id: str) -> list[dict[str, Any]]:
+        "The failed attempts of a job, oldest first: attempt, state, worker, started_at, ended_at, error (a dict)."
+        from ..records import _error
+        return [{"attempt": r[0], "state": r[1], "worker": r[2], "started_at": r[3], "ended_at": r[4],
+                 "error": _error(r[5])} for r in self._read(Q["dash_attempts"], {"id": id})]
+
+    def delete(self, id: str) -> bool:
+        "Delete a finished job; False when it is not finished (or not there)."
+        with self._tx("delete a job") as c: return c.execute(Q["dash_delete"], {"id": id}).rowcount > 0
+
+    def requeue_failed(self, task: str) -> int:
+        "Queue every failed job of `task` again, with fresh attempts; returns how many."
+        with self._tx("requeue failed jobs") as c:
+            n = int(c.execute(Q["dash_requeue_failed"], {"task": task, "now": self.clock()}).rowcount)
+        if n: self._committed()
+        return n
+
+    def page(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
+             since: float | None = None, before: int | None = None, limit: int = 50) -> list[JobRecord]:
+        """One page of the job list, newest first, without arguments or result (texts cut): the jobs older than the
+        `before` seq (keyset paging, so page 1,000 costs what page 1 does), filtered by state, task, queue and
+        creation time. `JobRecord.raw["seq"]` is the key of the next page."""
+        sql, params = self.page_sql(state=state, task=task, queue=queue, since=since, before=before, limit=limit)
+        if sql is None: return []
+        with self._lock:
+            c = self._connect()
+            try:
+                c.text_factory = _lenient  # one row of bad text must not fail the page
+                try: rows = [dict(r) for r in c.execute(sql, params)]
+                finally: c.text_factory = str
+            except sqlite3.Error as e: raise self._wrap(e, "read") from e
+        out = []
+        for row in rows:
+            rec = JobRecord.from_row(row)
+            rec.raw["seq"] = row["_seq"]
+            out.append(rec)
+        return out
+
+    def page_sql(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
+                 since: float | None = None, before: int | None = None,
+                 limit: int = 50) -> tuple[str | None, dict[str, Any]]:
+        """The query `page` runs and its parameters (None: nothing can match). The plan is chosen here, not left to
+        the planner: by task, the fh_jobs_task index in seq order; by a state few jobs are in (under a tenth),
+        the fh_jobs_state index, then the page sorted; else the table itself backwards from `before`, where
+        matching rows are dense. A time filter becomes a seq bound (seq grows with time)."""
+        where = ["seq < :before"]
+        p: dict[str, Any] = {"before": before if before is not None else 2 ** 62, "limit": max(1, limit)}
+        if since is not None:
+            if (lo := self._first_seq_since(since)) is None: return None, {}
+            where += ["seq >= :lo", "created_at >= :since"]
+            p.update(lo=lo, since=since)
+        if queue is not None: where.append("queue = :queue"); p["queue"] = queue
+        if state == JobState.unknown.value: where.append(f"state NOT IN ({_KNOWN})")
+        elif state is not None: where.append("state = :state"); p["state"] = state
+        if task is not None: where.append("task = :task"); p["task"] = task
+        cond = " AND ".join(where)
+        if task is not None: index = "INDEXED BY fh_jobs_task"
+        elif state is not None and state != JobState.unknown.value and self._sparse(state): index = "INDEXED BY " \
+                                                                                                    "fh_jobs_state"
+        else: index = "NOT INDEXED"
+        inner = f"SELECT seq FROM fh_jobs {index} WHERE {cond} ORDER BY seq DESC LIMIT :limit"
+        return f"SELECT {_PAGE_COLUMNS} FROM fh_jobs WHERE seq IN ({inner}) ORDER BY seq DESC", p
+
+    def _sparse(self, state: str) -> bool:
+        "Are fewer than a tenth of the jobs in `state`? (counts through the state index, stopping at a tenth)"
+        lo, hi = self._read(Q["dash_seq_range"])[0]
+        if lo is None: return True
+        cap = max(1000, (int(hi) - int(lo) + 1) // 10)
+        n = self._read("SELECT count(*) FROM (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_state WHERE state = :state "
+                       "LIMIT :cap)", {"state": state, "cap": cap})[0][0]
+        return int(n) < cap
+
+    def _first_seq_since(self, since: float, slack: float = 60.0) -> int | None:
+        """A seq at or below that of the first job created at `since` (bisecting the PK; `slack` seconds early, since
+        jobs are stored slightly out of creation order). None when no job is that recent."""
+        lo, hi = self._read(Q["dash_seq_range"])[0]
+        if lo is None: return None
+        lo, hi, t = int(lo), int(hi) + 1, since - slack
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = self._read(Q["dash_first_since"], {"seq": mid})
+            if not row: hi = mid; continue
+            seq, created = int(row[0][0]), row[0][1]
+            if isinstance(created, (int, float)) and created < t: lo = seq + 1
+            else: hi = mid
+        return lo
+
+
+#: Seconds a process keeps the set of paused queues before reading it again.
+PAUSED_TTL = 1.0
+#: The run-time histogram reads at most this many of the latest finished jobs (each costs a row read).
+RUN_TIMES_LAST = 10_000
+#: What the job list reads of a job: no arguments or result, texts cut.
+_PAGE_COLUMNS = ("seq AS _seq, id, task, queue, state, attempts, max_attempts, run_at, created_at, started_at, "
+                 "finished_at, worker, parent, NULL AS args, NULL AS result, substr(progress, 1, 1000) AS progress, "
+                 "CASE WHEN error IS NULL THEN NULL WHEN NOT json_valid(error) THEN substr(error, 1, 1000) "
+                 "WHEN json_type(error) = 'object' THEN json_object('type', substr(json_extract(error, '$.type'), 1, "
+                 "200), 'message', substr(json_extract(error, '$.message'), 1, 1000)) ELSE substr(error, 1, 1000) END "
+                 "AS error")
+
 
 _STATES = frozenset(s.value for s in JobState if s is not JobState.unknown)
 _KNOWN = ", ".join(f"'{s}'" for s in sorted(_STATES))
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    msg = str(e)
+    return "locked" in msg or "busy" in msg
 
 
 def _lenient(b: bytes) -> str:
@@ -629,7 +883,7 @@ def _per_queue(outer: str, inner: str, n: int) -> str:
 
 def _log_lost(id: str, task: Any, state: str, charged: Any, alone: bool, beside: int) -> None:
     "Every job taken back from a dead worker is logged: failed, charged the attempt, or excused."
-    extra = {"action": "fail" if state == "failed" else "lost", "job_id": id}
+    extra = {"action": "fail" if state == "failed" else "lost", "job_id": id, "task": task}
     if state == "failed":
         log.warning("job %s (%s) failed (WorkerLost): its worker died under it; %s attempt(s) charged", id, task,
                     charged, extra=extra)

@@ -18,7 +18,7 @@ from fh_tasks.testing import drain
 
 pytestmark = pytest.mark.timeout(60)
 ENV_NAMES = ("FH_TASKS_APP", "FH_TASKS_DB", "FH_TASKS_PROCESSES", "FH_TASKS_CONCURRENCY", "FH_TASKS_QUEUES",
-             "FH_TASKS_LOG_LEVEL", "FH_TASKS_GRACE", "FH_TASKS_LEASE")
+             "FH_TASKS_LOG_LEVEL", "FH_TASKS_GRACE", "FH_TASKS_LEASE", "FH_TASKS_LOG_FORMAT")
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def store(app_dir: Path, tmp_path: Path) -> dict[str, object]:
     secrets = {"api_key": "sk-live-123", "options": {"token": "t0k"}}
     [failed] = enqueue(db, "jobsapp:login", [(("ada", "hunter2"), secrets)])
     worker = start_worker("jobsapp:tasks", app_dir, env_for(app_dir, db), "--burst")
-    assert worker.wait(30) == 0
+    assert worker.wait(30) == 1  # a burst worker's exit code says a job (the login) failed
     queued = enqueue(db, "jobsapp:record", [((i,), {}) for i in (10, 11)], queue="later")
     [cancelled] = enqueue(db, "jobsapp:record", [((12,), {})], queue="later")
     SQLiteStore(db).cancel(cancelled)
@@ -150,7 +150,7 @@ def test_retry_failed_requeues_every_failed_job(store):
     db = store["db"]
     SQLiteStore(db).enqueue([NewJob(id=f"bad{i}", task="jobsapp:login", args='{"args": ["ada", "pw"]}')
                              for i in range(3)])
-    assert start_worker("jobsapp:tasks", store["dir"], store["env"], "--burst").wait(30) == 0
+    assert start_worker("jobsapp:tasks", store["dir"], store["env"], "--burst").wait(30) == 1  # they failed
     assert rows(db, "SELECT count(*) FROM fh_jobs WHERE state='failed'") == [(4,)]
     out = run(store, "retry", "--failed", "--db", db)
     assert out.stdout.strip() == "requeued 4 failed job(s)"

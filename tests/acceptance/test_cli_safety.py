@@ -180,8 +180,8 @@ def test_the_worker_log_escapes_what_a_job_stored(tmp_path: Path) -> None:
     # When a worker runs it
     out = subprocess.run([FH_TASKS, "worker", "hostileapp:tasks", "--burst"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
-    # Then its log names the failure on one line, escaped, and forges nothing
-    assert out.returncode == 0, out.stderr
+    # Then its log names the failure on one line, escaped, and forges nothing (exit code 1: a job failed)
+    assert out.returncode == 1, out.stderr
     assert "boom\\n2026-01-01 00:00:00 INFO    [1] fh_tasks.worker: all jobs done\\x1b[2J\\x07" in out.stderr
     assert "\x1b" not in out.stderr and "\x07" not in out.stderr
     assert not [line for line in out.stderr.splitlines() if line.startswith("2026-01-01 00:00:00")]

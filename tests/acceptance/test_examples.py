@@ -85,14 +85,26 @@ def dashboard(tmp_path: Path, delay: str = "1") -> Iterator[str]:
         yield url
 
 
-def submit(url: str) -> tuple[int, str]:
-    "Press the button (htmx POST /submit); returns the request time shown and the job id."
-    r = httpx.post(url + "/submit", headers=HX)
+def submit(url: str, client: httpx.Client | None = None) -> tuple[int, str]:
+    """Press the button (htmx POST /submit, in `client`'s session if given); returns the request time (the
+    `data-request-time` beside the human time shown) and the job id."""
+    r = (client.post if client is not None else httpx.post)(url + "/submit", headers=HX)
     assert r.status_code == 200, r.text
-    shown = re.search(r"Request submitted at: (\d+)", r.text)
+    shown = re.search(r'<p data-request-time="(\d+)">Request submitted at (\d\d:\d\d:\d\d)</p>', r.text)
     job = re.search(r'id="job-([0-9a-f]+)"', r.text)
     assert shown and job, r.text
+    assert shown.group(2) == time.strftime("%H:%M:%S", time.localtime(int(shown.group(1))))
     return int(shown.group(1)), job.group(1)
+
+
+def row_of(listing: str, job_id: str) -> tuple[int, int] | None:
+    "The (request_time, response_time) of the job's row in the polled list (its data- attributes), if shown."
+    li = re.search(rf'<li [^>]*data-job="{job_id}"[^>]*>([^<]*)</li>', listing)
+    if li is None: return None
+    req, resp = (int(re.search(rf'{k}="(\d+)"', li.group(0)).group(1))  # type: ignore[union-attr]
+                 for k in ("data-request-time", "data-response-time"))
+    assert f"Requested at {time.strftime('%H:%M:%S', time.localtime(req))}, answered at" in li.group(1), li.group(0)
+    return req, resp
 
 
 def test_dashboard_page_is_the_seeds(tmp_path: Path) -> None:
@@ -105,24 +117,28 @@ def test_dashboard_page_is_the_seeds(tmp_path: Path) -> None:
     assert "<title>Background Task Dashboard</title>" in r.text and "Press to call slow service" in r.text
     assert 'hx-post="/submit"' in r.text and 'hx-target="#res"' in r.text and 'id="res"' in r.text
     assert 'hx-get="/show_tstamps"' in r.text and 'hx-trigger="every 5s"' in r.text
+    # And the live list of the browser's jobs, on one SSE stream, with the extension served by the app
+    assert 'sse-connect="/_tasks/events?o=r"' in r.text and '<ul id="jobs"></ul>' in r.text
+    assert '<script src="/_tasks/static/htmx-ext-sse.js"></script>' in r.text
 
 
 def test_dashboard_submit_returns_before_the_slow_call_and_the_row_appears(tmp_path: Path) -> None:
     # Given the dashboard, with a slow service that takes 2 s to answer
-    with dashboard(tmp_path, delay="2") as url:
+    with dashboard(tmp_path, delay="2") as url, httpx.Client() as browser:
         # When the button is pressed
-        request_time, job_id = submit(url)
+        request_time, job_id = submit(url, browser)
         # Then the answer came back while the job was still waiting for the slow service
         [job] = job_rows(tmp_path / "jobs.db")
         assert job["id"] == job_id and job["state"] in ("queued", "running")
         assert job_id not in httpx.get(url + "/show_tstamps", headers=HX).text
         # And the polled list shows the row the job stored from the slow service's answer
-        row = wait_for(lambda: re.search(rf"TStamp\(job='{job_id}', request_time=(\d+), response_time=(\d+)\)",
-                                         httpx.get(url + "/show_tstamps", headers=HX).text), what="the row appearing")
-        assert int(row.group(1)) == request_time and int(row.group(2)) >= request_time
-        # And the job's live status fragment ends at succeeded
-        status = httpx.get(f"{url}/_tasks/jobs/{job_id}/status", headers=HX).text
-        assert 'data-state="succeeded"' in status and "hx-trigger" not in status
+        row = wait_for(lambda: row_of(httpx.get(url + "/show_tstamps", headers=HX).text, job_id), what="the row")
+        assert row[0] == request_time and row[1] >= request_time
+        # And the job's live status fragment ends at succeeded, for the browser that submitted it only
+        status = wait_for(lambda: (t := browser.get(f"{url}/_tasks/jobs/{job_id}/status", headers=HX).text)
+                          .count('data-state="succeeded"') and t, what="succeeded")
+        assert "hx-trigger" not in status and "calling the slow service" not in status
+        assert httpx.get(f"{url}/_tasks/jobs/{job_id}/status", headers=HX).status_code == 404
 
 
 def test_dashboard_two_quick_submits_get_two_rows(tmp_path: Path) -> None:
@@ -133,9 +149,9 @@ def test_dashboard_two_quick_submits_get_two_rows(tmp_path: Path) -> None:
         # Then each press gets its own row: the rows are keyed by job, not by the second they were sent in
         wait_for(lambda: len(all_final(tmp_path / "jobs.db", 2)) == 2, what="both jobs finishing")
         listing = httpx.get(url + "/show_tstamps", headers=HX).text
-    assert listing.count("<li>") == 2
+    assert listing.count("<li ") == 2
     for request_time, job_id in (first, second):
-        assert f"TStamp(job='{job_id}', request_time={request_time}," in listing
+        assert (r := row_of(listing, job_id)) is not None and r[0] == request_time
 
 
 def test_dashboard_submit_shows_the_jobs_state_from_the_start(tmp_path: Path) -> None:
@@ -143,8 +159,9 @@ def test_dashboard_submit_shows_the_jobs_state_from_the_start(tmp_path: Path) ->
     with dashboard(tmp_path, delay="0.05") as url:
         # When the button is pressed
         r = httpx.post(url + "/submit", headers=HX)
-    # Then the fragment shows the job as queued and polls its status route
-    assert 'data-state="queued"' in r.text and 'hx-get="/_tasks/jobs/' in r.text
+    # Then the fragment adds the job, queued, to the live list, swapped by the page's SSE stream
+    assert 'data-state="queued"' in r.text and 'hx-swap-oob="afterbegin:#jobs"' in r.text
+    assert re.search(r'sse-swap="fh-job-[0-9a-f]{32}"', r.text) and "every" not in r.text
 
 
 # -- signup.py ------------------------------------------------------------------------------------
@@ -223,7 +240,7 @@ def test_demo_serves_both_and_one_signal_stops_both(tmp_path: Path, sig: signal.
         _, job_id = submit(url)
         wait_for(lambda: job_id in httpx.get(url + "/show_tstamps", headers=HX).text, what="the row appearing")
         kids = children(demo.pid)
-        assert sorted(c.split("uvicorn ")[1].split()[0] for c in kids.values()) == ["dashboard:app", "slow_api:app"]
+        assert sorted(c.split("uvicorn ")[1].split()[0] for c in kids.values()) == ["demo:app", "slow_api:app"]
         # And when it gets one signal
         demo.send_signal(sig)
         assert demo.wait(30) == 0
@@ -234,3 +251,25 @@ def test_demo_serves_both_and_one_signal_stops_both(tmp_path: Path, sig: signal.
     assert [pid for pid in kids if Path(f"/proc/{pid}").exists()] == []
     for p in (port, slow_port):
         with pytest.raises(httpx.ConnectError): httpx.get(f"http://127.0.0.1:{p}/", timeout=1)
+
+
+# -- two examples at once -------------------------------------------------------------------------
+
+def test_two_examples_at_once_keep_their_own_stores_and_each_job_succeeds(tmp_path: Path) -> None:
+    # Given the signup example and the dashboard (with its slow service) served at once from the same folder,
+    # with FH_TASKS_DB empty: each example picks its own store file
+    env = dict(FH_TASKS_DB="", PYTHONUNBUFFERED="1", SLOW_API_DELAY="0.05", DASHBOARD_DB=str(tmp_path / "dash.db"))
+    args = dict(cwd=tmp_path, extra=["--app-dir", str(EXAMPLES)])
+    with uvicorn_server("slow_api:app", env=env, **args) as (slow_url, _), \
+         uvicorn_server("signup:app", env=env, **args) as (signup_url, _), \
+         uvicorn_server("dashboard:app", env={**env, "SLOW_API_URL": slow_url}, **args) as (dash_url, _):
+        # When each gets a request that defers jobs
+        assert httpx.post(signup_url + "/signup", data={"email": "ada@example.com", "username": "ada"}).is_success
+        assert httpx.post(dash_url + "/submit", headers=HX).is_success
+        # Then each store holds only its own example's jobs, and every one of them succeeds
+        signup_jobs = wait_for(lambda: all_final(tmp_path / "signup.db", 2), what="the signup jobs finishing")
+        [dash_job] = wait_for(lambda: all_final(tmp_path / "dashboard_jobs.db", 1), what="the dashboard job finishing")
+    assert [j["task"] for j in signup_jobs] == ["signup:send_welcome_email", "signup:send_admin_notification"]
+    assert all(j["state"] == "succeeded" for j in signup_jobs)
+    assert dash_job["task"] == "dashboard:task_submit" and dash_job["state"] == "succeeded"
+    assert not (tmp_path / "fh_tasks.db").exists()

@@ -18,6 +18,10 @@ HERE = Path(__file__).resolve().parent
 # (the htmx.org npm package, version 2.0.7 as FastHTML pins it; Zero-Clause BSD licence).
 HTMX = HERE / "htmx-2.0.7.min.js"
 HTMX_URL = re.compile(r"/htmx\.org@[^/]+/dist/htmx(\.min)?\.js$")
+# FastHTML pages also link Pico CSS from a CDN: the tests serve the @picocss/pico 2.1.1 npm package's pico.min.css
+# (MIT licence, its header kept), so screenshots look as the pages do.
+PICO = HERE / "pico-2.1.1.min.css"
+PICO_URL = re.compile(r"/pico@[^/]+/css/pico(\.[a-z]+)*\.min\.css$")
 LOOPBACK = re.compile(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -41,6 +45,7 @@ def _offline(route: Route) -> None:
     url = route.request.url
     if LOOPBACK.match(url): route.continue_()
     elif HTMX_URL.search(url): route.fulfill(path=HTMX, content_type="text/javascript")
+    elif PICO_URL.search(url): route.fulfill(path=PICO, content_type="text/css")
     else: route.abort()
 
 

@@ -1,6 +1,9 @@
-"""The seed's dashboard in a real browser: press the button, see the submit answer, then the polled row."""
+"""The seed's dashboard in a real browser: press the button, see the submit answer, the job's live status (pushed over
+SSE), the polled row in human times, and the toast when the job ends."""
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,15 +39,20 @@ def test_dashboard_button_shows_submit_then_polled_row(page: Page, tmp_path: Pat
         expect(page.get_by_role("heading", name="Background Task Dashboard")).to_be_visible()
         # When the button is pressed
         page.get_by_role("button", name="Press to call slow service").click()
-        # Then the submit answer appears in #res, with the job's live status
+        # Then the submit answer appears in #res, and the job's live status in the list of this browser's jobs
         expect(page.locator("#res")).to_contain_text("Request submitted at", timeout=5_000)
-        status = page.locator("#res .fh-job")
+        status = page.locator("#jobs .fh-job")
         job_id = (status.get_attribute("id") or "").removeprefix("job-")
         assert len(job_id) == 32, job_id
-        # And the polled list shows the row the job stored, and the status reaches succeeded
-        expect(page.locator("li", has_text=job_id)).to_be_visible(timeout=15_000)
+        # And the status reaches succeeded with the answer, and the polled list shows the row the job stored
         expect(page.locator(f"#job-{job_id}")).to_have_attribute("data-state", "succeeded", timeout=15_000)
-        shot = tmp_path / "dashboard.png"
+        expect(page.locator(f"#job-{job_id} .fh-job-result")).to_contain_text("response_time")
+        expect(page.locator(f'li[data-job="{job_id}"]')).to_contain_text("Requested at", timeout=15_000)
+        # And the next polled answer brings this browser's toast
+        expect(page.locator(".fh-toast-success")).to_contain_text("task_submit: succeeded", timeout=15_000)
+        update = os.environ.get("UPDATE_SCREENSHOTS") == "1"
+        docs = ROOT / "docs" if update else Path(tempfile.mkdtemp(prefix="fh-shots-"))
+        shot = docs / "live-dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
     data = shot.read_bytes()
     assert data.startswith(PNG) and len(data) > 1_000

@@ -126,6 +126,10 @@ class SQLiteEngine(Engine):
         return Tasks(db=os.environ[DB_ENV], workers=0)
 
 
+class Unavailable(Exception):
+    "A server an engine under test needs does not answer: the `engine` fixture skips the test (fails it under CI)."
+
+
 ENGINES: dict[str, type[Engine]] = {"sqlite": SQLiteEngine}
 
 
@@ -151,3 +155,8 @@ def wait_until(cond: Callable[[], T], timeout: float = 20.0, what: str = "condit
         if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
         time.sleep(interval)
     return v
+
+
+# Broker engines live in modules of their own, which import this one and add themselves to ENGINES.
+import celery_support  # noqa: E402,F401
+import dramatiq_support  # noqa: E402,F401

@@ -34,7 +34,8 @@ ROWS: dict[str, dict[str, Any]] = {
 @pytest.fixture
 def foreign(site) -> tuple[Any, Any]:
     "A hub on a store holding one row of each kind in ROWS (inserted with sqlite3, not through fh-tasks)."
-    app, _, tasks = site(workers=0)
+    # Rows no session deferred: the app shows every job (`access=`), else the status route would answer 404
+    app, _, tasks = site(workers=0, access=lambda req, rec: True)
     tasks.counts()  # creates the schema
     with sqlite3.connect(tasks.store.path) as c:
         for jid, cols in ROWS.items():

@@ -474,8 +474,12 @@ def test_the_status_fragment_polls_until_final_and_stops_for_an_unknown_job(site
         gate.wait(10)
         return "<b>done</b>"
 
+    @rt("/go")
+    def go() -> str: return slow.defer().id
+
     with TestClient(app) as cli:
-        job = slow.defer()
+        job = tasks.get(cli.get("/go").text)  # deferred by this client's session: its status is this session's
+        assert job is not None
         # When its status fragment is fetched while it runs, Then it keeps polling
         live = cli.get(f"/_tasks/jobs/{job.id}/status").text
         assert 'hx-trigger="every 1s"' in live
@@ -484,9 +488,10 @@ def test_the_status_fragment_polls_until_final_and_stops_for_an_unknown_job(site
         # Then once final it stops polling
         final = cli.get(f"/_tasks/jobs/{job.id}/status").text
         assert 'data-state="succeeded"' in final and "hx-trigger" not in final
-        # And an unknown id gets a final fragment (200, so htmx swaps it and stops polling)
+        # And an unknown id gets a final fragment with a 404 (the polling element swaps a 404 in, and stops)
         r = cli.get("/_tasks/jobs/nope/status")
-        assert r.status_code == 200 and "unknown job" in r.text and "hx-trigger" not in r.text
+        assert r.status_code == 404 and 'data-state="unknown"' in r.text and "hx-trigger" not in r.text
+        assert "this.outerHTML=event.detail.xhr.response" in live
 
 
 def test_the_status_fragment_escapes_what_a_task_wrote(site):
@@ -497,8 +502,12 @@ def test_the_status_fragment_escapes_what_a_task_wrote(site):
     def hostile() -> None:
         raise ValueError('<script>alert(1)</script>"><img src=x onerror=alert(2)>')
 
+    @rt("/go")
+    def go() -> str: return hostile.defer().id
+
     with TestClient(app) as cli:
-        job = hostile.defer()
+        job = tasks.get(cli.get("/go").text)
+        assert job is not None
         wait_until(lambda: tasks.get(job.id).done)
         # When its status fragment is rendered, Then the text is escaped, never markup
         html = cli.get(f"/_tasks/jobs/{job.id}/status").text

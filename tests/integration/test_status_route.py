@@ -26,6 +26,11 @@ from fh_tasks.store.sqlite import SQLiteStore
 pytestmark = pytest.mark.timeout(60)
 NO_STORE = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
 
+
+def ANYONE(req: Any, rec: Any) -> bool:
+    "An app's `access` rule that shows every job to anyone (these jobs are deferred outside a request)."
+    return True
+
 AUTH_APP = '''
 import os
 from fasthtml.common import Beforeware, RedirectResponse, fast_app
@@ -80,7 +85,7 @@ def test_beforeware_skip_patterns_apply_to_the_status_route(make_tasks):
     def refuse(req):  # no annotation: FastHTML injects the request by its name
         return RedirectResponse("/login", status_code=303)
     app, rt = fast_app(secret_key="t", before=Beforeware(refuse, skip=[r"/_tasks/.*"]))
-    tasks = make_tasks(app, workers=0)
+    tasks = make_tasks(app, workers=0, access=ANYONE)
 
     @rt("/home")
     def home() -> str: return "home"
@@ -98,7 +103,7 @@ def test_beforeware_skip_patterns_apply_to_the_status_route(make_tasks):
 
 def test_a_plain_starlette_app_gets_a_plain_route(make_tasks):
     app = Starlette()
-    tasks = make_tasks(app, workers=0)
+    tasks = make_tasks(app, workers=0, access=ANYONE)
 
     @tasks.task
     def noop() -> None: ...
@@ -108,13 +113,13 @@ def test_a_plain_starlette_app_gets_a_plain_route(make_tasks):
         r = cli.get(f"/_tasks/jobs/{job.id}/status")
         missing = cli.get("/_tasks/jobs/nope/status")
     assert r.status_code == 200 and 'data-state="queued"' in r.text and headers_of(r) == NO_STORE
-    assert missing.status_code == 200 and "unknown job" in missing.text and headers_of(missing) == NO_STORE
+    assert missing.status_code == 404 and 'data-state="unknown"' in missing.text and headers_of(missing) == NO_STORE
 
 
 def test_the_prefix_moves_the_routes_or_switches_them_off(tmp_path: Path):
     # Given one hub serving under /admin/jobs-ui and one with no routes
     moved_app, _ = fast_app(secret_key="t")
-    moved = Tasks(moved_app, db=str(tmp_path / "a.db"), workers=0, prefix="/admin/jobs-ui")
+    moved = Tasks(moved_app, db=str(tmp_path / "a.db"), workers=0, prefix="/admin/jobs-ui", access=ANYONE)
     off_app, _ = fast_app(secret_key="t")
     off = Tasks(off_app, db=str(tmp_path / "b.db"), workers=0, prefix=None)
     jobs = {}
@@ -173,7 +178,7 @@ def test_the_route_reads_a_summary_in_a_thread_without_the_result(db: str):
     # Given a succeeded job whose stored result is 20 MB
     app, rt = fast_app(secret_key="t")
     store = RecordingStore(db)
-    tasks = Tasks(app, store=store, workers=0)
+    tasks = Tasks(app, store=store, workers=0, access=ANYONE)
 
     @tasks.task
     def big() -> None: ...

@@ -427,3 +427,46 @@ def test_checkpoint_copies_the_wal_without_the_writer(store, clock):
     # Then every committed frame was copied into the database, and the jobs are all there
     assert busy == 0 and frames > 0 and copied == frames
     assert store.counts() == {"queued": 300}
+
+
+# -- waiting for another connection's lock -------------------------------------------------------------
+def test_a_write_waits_for_a_lock_held_briefly_by_another_connection(store, clock, db, monkeypatch):
+    # Given another connection holding the write lock, released by a thread after a few of the store's retries
+    import fh_tasks.store.sqlite as sq
+    store.enqueue([new(clock)])
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    sleeps: list[float] = []
+    real_sleep = sq.time.sleep
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        if len(sleeps) == 5: other.execute("ROLLBACK")
+        real_sleep(s)
+
+    monkeypatch.setattr(sq.time, "sleep", sleep)
+    # When the store writes meanwhile
+    store.enqueue([new(clock)])
+    # Then it waited with its own short, growing, jittered sleeps (not SQLite's 1 ms and up), and wrote once the lock
+    # was gone
+    assert len(sleeps) == 5 and store.counts() == {"queued": 2}
+    assert all(0.5 * sq.BACKOFF_FIRST <= s <= 1.5 * sq.BACKOFF_MAX for s in sleeps)
+    assert sleeps[-1] > sleeps[0]
+    other.close()
+
+
+def test_a_lock_held_past_busy_timeout_raises_queue_busy_and_other_callers_keep_sqlites_handler(db, clock):
+    from fh_tasks import QueueBusy
+    s = SQLiteStore(db, clock=clock, busy_timeout=0.05)
+    s.enqueue([new(clock)])
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(QueueBusy):
+            s.enqueue([new(clock)])
+        # Reads go on meanwhile (WAL), and the connection handed to any other caller still waits by itself
+        assert s.counts() == {"queued": 1}
+        assert s._connect().execute("PRAGMA busy_timeout").fetchone()[0] == 50
+    finally:
+        other.close()
+        s.close()

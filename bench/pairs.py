@@ -1,0 +1,96 @@
+"""fh-tasks on a broker engine against the plain library it runs on, measured in pairs: enqueue (one call per job),
+drain (N queued jobs, one worker process) and cross-process pickup, the two peers alternating within each
+repetition so that a noisy machine moves both alike. Ratios are fh-tasks' cost over the plain library's (≤ 1.15
+is the goal: "at most 15 % slower"), the median of the per-repetition ratios.
+
+    python -m bench.pairs dramatiq            # fh-dramatiq vs dramatiq, 5 repetitions
+    python -m bench.pairs dramatiq --reps 3 --jobs 5000 --out /tmp/pairs.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from . import drain, pickup
+from .common import Settings, ensure_redis, log
+from .peers import Env, job_arg, load
+
+#: engine -> (plain peer, fh-tasks peer)
+PAIRS = {"dramatiq": ("dramatiq", "fh-dramatiq"), "celery": ("celery", "fh-celery")}
+GOAL = 1.15
+
+
+def _enqueue(peer: Any, n: int) -> float:
+    "Seconds per job, one `put` per job."
+    peer.reset()
+    t0 = time.perf_counter()
+    for _ in range(n): peer.put(job_arg())
+    return (time.perf_counter() - t0) / n
+
+
+def _once(peer: Any, what: str, s: Settings, jobs: int) -> float:
+    "One measurement of `what`, as a cost (lower is better): seconds per job, or pickup p50 ms."
+    if what == "enqueue": return _enqueue(peer, s.enqueue_single)
+    if what == "drain":
+        r = drain.once(peer, 1, jobs, s.drain_budget)
+        if r["done"] < jobs: raise RuntimeError(f"{peer.label}: {r['done']}/{jobs} jobs within {s.drain_budget}s")
+        return 1 / r["rate"]
+    r = pickup.cross_process(peer, replace(s, reps=1))
+    return float(r["p50_ms"]["median"])
+
+
+def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env) -> dict[str, Any]:
+    plain_key, fh_key = PAIRS[engine]
+    peers = {k: load(k, env) for k in (plain_key, fh_key)}
+    out: dict[str, Any] = {"pair": [plain_key, fh_key], "reps": reps, "jobs": jobs, "measures": {}}
+    for what in ("enqueue", "drain", "pickup"):
+        costs: dict[str, list[float]] = {plain_key: [], fh_key: []}
+        for rep in range(reps):
+            order = (plain_key, fh_key) if rep % 2 == 0 else (fh_key, plain_key)
+            for k in order:
+                costs[k].append(_once(peers[k], what, s, jobs))
+                time.sleep(0.2)
+        ratios = [f / p for f, p in zip(costs[fh_key], costs[plain_key], strict=True)]
+        m = statistics.median(ratios)
+        out["measures"][what] = {"plain": costs[plain_key], "fh": costs[fh_key], "ratios": ratios, "ratio": m,
+                                 "goal": GOAL, "met": m <= GOAL}
+        unit = "ms" if what == "pickup" else "jobs/s"
+        show = (lambda c: statistics.median(c)) if what == "pickup" else (lambda c: 1 / statistics.median(c))
+        log(f"  {what:8} {plain_key} {show(costs[plain_key]):>9,.1f} {unit}   {fh_key} {show(costs[fh_key]):>9,.1f} "
+            f"{unit}   cost ratio {m:.2f} (per rep: {', '.join(f'{r:.2f}' for r in ratios)})")
+    for p in peers.values(): p.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engine", choices=sorted(PAIRS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--jobs", type=int, default=5000, help="jobs per drain")
+    ap.add_argument("--enqueue", type=int, default=2000, help="jobs per enqueue measurement")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="fh-pairs-"))
+    redis, proc = ensure_redis(workdir)
+    os.environ["BENCH_REDIS"] = redis
+    s = replace(Settings.full(), enqueue_single=a.enqueue, drain_budget=60.0, pickup_seconds=3.0)
+    log(f"{a.engine}: fh-tasks vs plain, {a.reps} paired repetitions, Redis {redis}, load {os.getloadavg()[0]:.2f}")
+    try: res = measure(a.engine, a.reps, a.jobs, s, Env(workdir, redis))
+    finally:
+        if proc is not None: proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    res["load_avg_after"] = os.getloadavg()
+    if a.out: Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

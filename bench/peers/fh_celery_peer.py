@@ -1,0 +1,108 @@
+"""fh-tasks on the Celery engine (Redis broker and status store): the same no-op job as the plain `celery` peer, through
+fh-tasks' `defer()`, outbox-free (outside a request), status store and Celery's own prefork worker."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from celery import Celery, group
+
+from fh_tasks import Tasks
+from fh_tasks.engine import EngineSettings
+from fh_tasks.engines.celery import CeleryEngine
+
+from ..common import PY, flush_redis
+from ..probe import record
+from . import Peer, job_arg
+from .celery_peer import CeleryPeer
+
+DB = 8
+URL = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/{DB}"
+
+
+def make_hub() -> Tasks:
+    "A hub on the Celery engine with the benchmark task (`bench.noop`); its outbox file is a temporary one."
+    db = os.path.join(tempfile.gettempdir(), f"fh-celery-bench-{os.getpid()}.db")
+    tasks = Tasks(engine=CeleryEngine(EngineSettings(broker=URL, db=db, workers=0), namespace="bench"), workers=0)
+
+    @tasks.task(name="bench.noop")
+    def noop(arg: dict[str, Any]) -> None:
+        record(arg)
+
+    return tasks
+
+
+#: The hub `fh-tasks worker bench.peers.fh_celery_peer:tasks` serves.
+tasks = make_hub()
+
+
+class FhCelery(Peer):
+    key, label = "fh-celery", "fh-tasks on Celery (Redis)"
+    concurrency = ("`fh-tasks worker --concurrency 1`: Celery's prefork worker, one pool child (2 processes: `-c 2`), "
+                   "prefetch ×1 with late acks (fh-tasks' setting)")
+    batch_api = "`engine.submit(list)`: one status-store script and one producer per batch"
+    measures = frozenset({"enqueue", "drain", "pickup"})
+
+    def reset(self) -> None:
+        self.close()
+        self.rep += 1
+        flush_redis(URL)
+        self.hub = make_hub()
+        self.t = self.hub.registry["bench.noop"]
+
+    def put(self, arg: dict[str, Any]) -> None:
+        self.t.defer(arg)
+
+    def put_batches(self, n: int, size: int) -> bool:
+        t, engine = self.t, self.hub.engine
+        for start in range(0, n, size):
+            engine.submit([t.new_job((job_arg(),), {}, t.options) for _ in range(min(size, n - start))])
+        return True
+
+    def worker_commands(self, procs: int) -> list[list[str]]:
+        return [[PY, "-m", "fh_tasks", "worker", "bench.peers.fh_celery_peer:tasks", "--concurrency", str(procs),
+                 "--log-level", "warning"]]
+
+    def close(self) -> None:
+        if getattr(self, "hub", None) is not None: self.hub.close()
+        self.hub = None
+
+
+#: Plain Celery configured as fh-tasks configures it (late acks, prefetch ×1): how much of the difference between
+#: `celery` and `fh-celery` is that configuration, and how much is fh-tasks' status store.
+LATE = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/6"  # (7: fh-dramatiq)
+late_app = Celery("bench-late", broker=LATE, set_as_current=False)
+late_app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+                     task_default_queue="bench", task_acks_late=True, worker_prefetch_multiplier=1,
+                     task_ignore_result=True)
+
+
+@late_app.task(name="noop")
+def late_noop(arg: dict[str, Any]) -> None:
+    record(arg)
+
+
+class CeleryLate(CeleryPeer):
+    key, label = "celery-late", "Celery (Redis), late acks, prefetch ×1"
+    concurrency = "`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1"
+    measures = frozenset({"drain", "pickup"})
+
+    def reset(self) -> None:
+        self.rep += 1
+        flush_redis(LATE)
+
+    def put(self, arg: dict[str, Any]) -> None:
+        late_noop.delay(arg)
+
+    def put_batches(self, n: int, size: int) -> bool:
+        for start in range(0, n, size):
+            group(late_noop.s(job_arg()) for _ in range(min(size, n - start))).apply_async()
+        return True
+
+    def worker_commands(self, procs: int) -> list[list[str]]:
+        return [[PY, "-m", "celery", "-A", "bench.peers.fh_celery_peer:late_app", "worker", "-P", "prefork", "-c",
+                 str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
+
+
+PEERS = {"fh-celery": FhCelery, "celery-late": CeleryLate}
