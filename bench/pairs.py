@@ -24,7 +24,8 @@ from .common import Settings, ensure_redis, log
 from .peers import Env, job_arg, load
 
 #: engine -> (plain peer, fh-tasks peer)
-PAIRS = {"dramatiq": ("dramatiq", "fh-dramatiq"), "celery": ("celery", "fh-celery")}
+PAIRS = {"dramatiq": ("dramatiq", "fh-dramatiq"), "celery": ("celery", "fh-celery"),
+         "celery-late": ("celery-late", "fh-celery")}  # plain Celery with fh-tasks' late acks and prefetch ×1
 GOAL = 1.15
 
 

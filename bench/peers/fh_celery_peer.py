@@ -86,7 +86,7 @@ def late_noop(arg: dict[str, Any]) -> None:
 class CeleryLate(CeleryPeer):
     key, label = "celery-late", "Celery (Redis), late acks, prefetch ×1"
     concurrency = "`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1"
-    measures = frozenset({"drain", "pickup"})
+    measures = frozenset({"enqueue", "drain", "pickup"})
 
     def reset(self) -> None:
         self.rep += 1

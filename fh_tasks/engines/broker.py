@@ -274,17 +274,18 @@ class BrokerEngine:
     def run_job(self, id: str, name: str, args: list[Any], kwargs: dict[str, Any], *, eager: bool = False,
                 then: Callable[[Sequence[Message]], None] | None = None, overlap: bool = False) -> str:
         """Run a delivered job as its next attempt and record the outcome; returns what happened: "succeeded",
-        "retrying", "failed", or why this copy was dropped ("running", "succeeded"... "missing", "not due", "lost").
+        "retrying", "failed"; "lost" (not run: it failed for good, its workers kept dying); "dropped" (not run: a copy
+        of a job that runs elsewhere, has ended, was cancelled, is not due yet or has no record).
         `eager`: retries without backoff. `then` publishes the jobs that follow (default: `publish_or_later`).
         `overlap`: return before the status store confirms a success (the worker takes its next job meanwhile; the
         answer is read before the next job starts, or within `FLUSH_EVERY` by the process's keeper thread)."""
         then = then or self.publish_or_later
-        self.settle()
         task = self.hub.registry.get(name)
         if task is None:  # the library knows it, so the hub did: a task registered under another name meanwhile
             log.error("job %s: no task %r is registered with this hub; the message is dropped", id, name)
             return "unknown"
         st = self.status.start(id, worker_name(), self.lease)
+        self.settle()  # the answers to earlier successes came back before this one (one connection, in order)
         for wait in MISSING_WAITS:  # its record may still be on its way (`status.insert_soon`)
             if st.why != "missing": break
             time.sleep(wait)
@@ -292,7 +293,7 @@ class BrokerEngine:
         if not st.run:
             if st.lost: log.warning("job %s (%s) failed (WorkerLost): its workers kept dying under it", id, name)
             else: log.debug("job %s (%s): message dropped (%s)", id, name, st.why)
-            return "lost" if st.lost else st.why
+            return "lost" if st.lost else "dropped"
         ctx = JobContext(id, name, st.attempt, st.max_attempts, self.status)
         self._keeper.add(id, st.attempt)
         token = _current.set(ctx)

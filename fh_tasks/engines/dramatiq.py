@@ -16,7 +16,9 @@ lost workers; this module is the Dramatiq side of it (docs/scaling.md has the op
   `<namespace>.q`.
 - **Messages.** One per attempt, message id = job id, the job's arguments as the message's args and kwargs, JSON
   only (`JSONEncoder`; another encoder is refused). A retry or a delay is never a Dramatiq delay: the status store
-  holds it and a pump publishes the job when due, so no delayed message waits unacked in a worker's memory.
+  holds it and a pump publishes the job when due, so no delayed message waits unacked in a worker's memory. With
+  the status store in the broker's Redis, a new job's record and its message go in one round trip (record first);
+  several messages go in one pipeline.
 - **Retries.** One side only: ours. The hooks decide (`hooks.decide`), the status store records `retrying`, and the
   job is published again when due; Dramatiq's `Retries` middleware is absent, so Dramatiq never retries by itself.
   A failed message is acked, not dead-lettered: its record keeps the error, `tasks.retry(id)` runs it again.
@@ -38,7 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
@@ -47,9 +49,10 @@ from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, Ti
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from ..context import _current
-from ..encoding import decode_args
+from ..encoding import decode_args, encode_args
 from ..engine import EngineSettings
 from ..errors import FhTasksError, QueueUnavailable, TaskTimeout
+from ..records import NewJob
 from .broker import BrokerEngine, Message, Pump
 from .status import _safe, worker_name
 
@@ -64,6 +67,8 @@ log = logging.getLogger("fh_tasks.engines.dramatiq")
 _QUEUE = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 #: How often Dramatiq's time-limit thread looks for attempts past their timeout (ms): timeouts are that precise.
 TIME_LIMIT_INTERVAL = 100
+#: Waits (s) before each try at running a delivered job while the status store cannot be reached.
+STATUS_RETRIES = (0.0, 0.05, 0.25, 1.0)
 
 
 class DramatiqEngine(BrokerEngine):
@@ -102,6 +107,10 @@ class DramatiqEngine(BrokerEngine):
                               maintenance_chance=maintenance_chance, confirm_delivery=confirm_delivery)
         if dramatiq.broker.global_broker is None: dramatiq.set_broker(self.broker)  # `dramatiq myapp` finds it
         self._pipelined = self._redis_batch if hasattr(self.broker, "scripts") else None  # Redis: batches pipelined
+        # A new job's record and message in one round trip when the status store is the broker's Redis database
+        self._same_redis = self._pipelined is not None and self.status_url == self.broker_url and all(
+            hasattr(self.status, a) for a in ("_shas", "_insert_argv", "prefix", "max_events", "redis"))
+        self._dispatch_sha: str | None = None
         self.pump: Pump | None = None
         self.eager_retries = False  # a burst worker (`testing.drain`) retries without backoff
         self.outcomes = 0           # outcomes recorded by this process's actors
@@ -142,6 +151,44 @@ class DramatiqEngine(BrokerEngine):
             except Exception as e: return i, self._error(e)
         return len(jobs), None
 
+    def _send_new(self, jobs: list[NewJob]) -> tuple[int, BaseException | None]:
+        """One new job, with the status store in the broker's Redis (the default): its record and its message in one
+        round trip, on one connection, the record first (so no worker sees the message before it). Else, and when a
+        script is not loaded yet, `BrokerEngine._send_new` (two overlapping round trips)."""
+        st, b = self.status, cast(Any, self.broker)
+        sha, dsha = st._shas.get("insert"), self._dispatch_sha
+        if len(jobs) != 1 or not self._same_redis or sha is None or dsha is None:
+            if self._same_redis and dsha is None: self._dispatch_sha = b.scripts["dispatch"].sha
+            return super()._send_new(jobs)
+        import redis
+        job = jobs[0]
+        cmds: list[tuple[Any, ...]] = [("EVALSHA", sha, 1, st.prefix, f"{st.clock():.6f}", st.max_events,
+                                        *st._insert_argv(jobs))]
+        m = None
+        if job.state == "queued":
+            m = self._redis_message(job)
+            cmds.append(("EVALSHA", dsha, 1, b.namespace, *self._enqueue_args(m)))
+        pool = st.redis.connection_pool
+        try: conn = pool.get_connection()
+        except TypeError: conn = pool.get_connection("EVALSHA")  # redis-py < 5.3
+        try:
+            conn.send_packed_command(conn.pack_commands(cmds))
+            replies = [conn.read_response() for _ in cmds]
+        except BaseException as e:
+            conn.disconnect()  # a reply may still be pending on it
+            pool.release(conn)
+            if isinstance(e, redis.exceptions.NoScriptError):  # Redis restarted: the base's path loads the scripts
+                st._shas.pop("insert", None)
+                self._dispatch_sha = None
+                return super()._send_new(jobs)
+            if isinstance(e, Exception): return 0, self._error(e)
+            raise
+        pool.release(conn)
+        if m is not None: b.emit_after("enqueue", m, None)
+        elif "queued" in replies[0][1::3]:  # (id, state, new) per job: chained after a job that has succeeded
+            return self.publish(jobs)
+        return 1, None
+
     def _error(self, e: Exception) -> Exception:
         if not _down(e): return e
         return QueueUnavailable(f"the Dramatiq broker at {_safe(self.broker_url)} cannot be reached: "
@@ -150,28 +197,34 @@ class DramatiqEngine(BrokerEngine):
     def _redis_batch(self, jobs: Sequence[Message]) -> tuple[int, None]:
         """Several jobs in one round trip on the Redis broker: what `RedisBroker.enqueue` does for each message (a
         fresh `redis_message_id`, the enqueue hooks, its `dispatch` script), pipelined."""
-        from dramatiq.common import current_millis
         b: Any = self.broker
         pipe, script = b.client.pipeline(transaction=False), b.scripts["dispatch"]
-        sent = []
-        for j in jobs:
-            m = self.message(j).copy(options={"redis_message_id": str(uuid.uuid4())})
-            b.emit_before("enqueue", m, None)
-            script(keys=[b.namespace], client=pipe, args=[
-                "enqueue", current_millis(), m.queue_name, b.broker_id, b.heartbeat_timeout, b.dead_message_ttl,
-                b._should_do_maintenance("enqueue"), b._max_unpack_size(), m.options["redis_message_id"], m.encode()])
-            sent.append(m)
+        sent = [self._redis_message(j) for j in jobs]
+        for m in sent: script(keys=[b.namespace], client=pipe, args=self._enqueue_args(m))
         pipe.execute()
         for m in sent: b.emit_after("enqueue", m, None)
         return len(jobs), None
 
-    def message(self, job: Message) -> dramatiq.Message[Any]:
+    def _redis_message(self, job: Message) -> dramatiq.Message[Any]:
+        "The job's message as `RedisBroker.enqueue` sends it: with a `redis_message_id` of its own, hooks told."
+        m = self.message(job, {"redis_message_id": str(uuid.uuid4())})
+        self.broker.emit_before("enqueue", m, None)
+        return m
+
+    def _enqueue_args(self, m: dramatiq.Message[Any]) -> list[Any]:
+        "The arguments of Dramatiq's Redis `dispatch` script enqueueing `m`, as `RedisBroker.do_enqueue` passes them."
+        from dramatiq.common import current_millis
+        b: Any = self.broker
+        return ["enqueue", current_millis(), m.queue_name, b.broker_id, b.heartbeat_timeout, b.dead_message_ttl,
+                b._should_do_maintenance("enqueue"), b._max_unpack_size(), m.options["redis_message_id"], m.encode()]
+
+    def message(self, job: Message, options: dict[str, Any] | None = None) -> dramatiq.Message[Any]:
         """The Dramatiq message of one attempt of `job`. Built directly rather than by the actor's
         `message_with_options`: a call's `with_options(queue=...)` can differ from the actor's queue, and a pump may
         publish a task this process never registered."""
         args, kwargs = decode_args(job.args)
         return dramatiq.Message(queue_name=self.queue_name(job.queue), actor_name=job.task, args=tuple(args),
-                                kwargs=kwargs, options={}, message_id=job.id)
+                                kwargs=kwargs, options=options or {}, message_id=job.id)
 
     def call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None) -> Any:
         "Sync: in this worker thread, under Dramatiq's time limit. Async: on the AsyncIO middleware's event loop."
@@ -209,10 +262,32 @@ class DramatiqEngine(BrokerEngine):
         "An actor received a message: run it as the job's next attempt (or drop the copy, as the status store says)."
         message = CurrentMessage.get_current_message()
         if message is None: raise RuntimeError(f"{name}: an fh-tasks actor runs only from a Dramatiq worker")
-        # overlap: the success is confirmed while Dramatiq acks and the thread takes its next message
-        outcome = self.run_job(message.message_id, name, args, kwargs, eager=self.eager_retries, overlap=True)
-        if outcome in ("succeeded", "retrying", "failed"):
+        for wait in STATUS_RETRIES:  # a restarted Redis fails each pooled connection once
+            time.sleep(wait)
+            try:
+                # overlap: the success is confirmed while Dramatiq acks and the thread takes its next message
+                outcome = self.run_job(message.message_id, name, args, kwargs, eager=self.eager_retries, overlap=True)
+                break
+            except QueueUnavailable as e: error = e
+        else:
+            # Acked, the message would be lost until the job's redelivery deadline: this process's outbox sends it
+            # again once the status store is back (a copy of a job that started meanwhile is dropped then).
+            log.warning("job %s (%s): the status store cannot be reached (%s); the job waits in this worker's "
+                        "outbox", message.message_id, name, error)
+            self.outbox.add([self._job_of(message, name, args, kwargs)])
+            return
+        if outcome in ("succeeded", "retrying", "failed", "lost"):
             with self._count: self.outcomes += 1
+
+    def _job_of(self, message: dramatiq.Message[Any], name: str, args: list[Any], kwargs: dict[str, Any]) -> NewJob:
+        "The job a message carries, as the outbox keeps it (its record, if Redis lost it, is made again from this)."
+        task = self.hub.registry.get(name)
+        at = message.message_timestamp / 1000
+        text = encode_args(name, tuple(args), kwargs, self.hub.max_payload)
+        return NewJob(id=message.message_id, task=name, args=text, run_at=at, created_at=at,
+                      queue=message.queue_name.removeprefix(f"{self.namespace}."),
+                      max_attempts=task.policy.max_attempts if task else 1,
+                      timeout=task.options.timeout if task else None)
 
     def boot(self, worker: Any) -> None:
         "A Dramatiq worker of this broker starts (ours, or `dramatiq myapp`): actors, queues, time limits, a pump."

@@ -29,6 +29,7 @@ expired) runs again as its next attempt, at most `CRASH_ATTEMPTS` (or `max_attem
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -285,10 +286,12 @@ finish(id, 'running', 'failed', ttl)
 cancel_chain(id, ttl)
 return 1
 """,
-    # lost: ARGV[3] id. A running job whose worker process is known dead: its lease ends now.
+    # lost: ARGV[3] id. A running job whose worker process is known dead: its lease ends now (unless it has ended
+    # already: then a pump has published the job again, or is about to).
     "lost": r"""
 local id = ARGV[3]
-if redis.call('HGET', jk(id), 'state') ~= 'running' then return 0 end
+local h = redis.call('HMGET', jk(id), 'state', 'lease_until')
+if h[1] ~= 'running' or num(h[2]) <= NOW then return 0 end
 redis.call('HSET', jk(id), 'lease_until', string.format('%.6f', NOW))
 redis.call('ZADD', P .. ':due', NOW, id)
 return 1
@@ -413,6 +416,7 @@ class StatusStore:
         self.retention, self.redeliver_after, self.max_events = retention, redeliver_after, max_events
         self.redis: Any = connect(url)  # a redis.Redis answering str (its stubs cannot say so)
         self._shas: dict[str, str] = {}
+        self._wires: dict[tuple[int, int], _Wire] = {}
         self._progress = ProgressBuffer()
         self._lock = threading.Lock()
 
@@ -427,18 +431,51 @@ class StatusStore:
         return 0.0 if self.retention is None else self.retention + EXPIRE_MARGIN
 
     def _call(self, script: str, *args: Any, doing: str) -> Any:
-        "Run one transition script (loaded once per server; reloaded after a restart flushed the script cache)."
+        "Run one transition script and return its answer (see `_soon`)."
+        return self._soon(script, *args, doing=doing)()
+
+    def _soon(self, script: str, *args: Any, doing: str) -> Callable[[], Any]:
+        """Send one transition script now; the function returned reads its answer. Scripts go over a connection of
+        the calling thread (`_Wire`): the answers come back in order, so a worker can send an attempt's outcome and
+        go on (the next `start` reads both answers). A script is loaded once per server, again after a restart."""
         import redis
         argv = [f"{self.clock():.6f}", self.max_events, *("" if a is None else a for a in args)]
         try:
             sha = self._shas.get(script)
             if sha is None: sha = self._shas[script] = self.redis.script_load(_PRELUDE + SCRIPTS[script])
-            try: return self.redis.evalsha(sha, 1, self.prefix, *argv)
-            except redis.exceptions.NoScriptError:
-                self._shas[script] = sha = self.redis.script_load(_PRELUDE + SCRIPTS[script])
-                return self.redis.evalsha(sha, 1, self.prefix, *argv)
+            wire = self._wire()
+            ticket = wire.send("EVALSHA", sha, 1, self.prefix, *argv)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise QueueUnavailable(f"the status store at {_safe(self.url)} cannot be reached to {doing}: {e}") from e
+
+        def answer() -> Any:
+            try:
+                try: return wire.read(ticket)
+                except redis.exceptions.NoScriptError:  # Redis restarted and forgot the script: it did not run
+                    self._shas[script] = self.redis.script_load(_PRELUDE + SCRIPTS[script])
+                    w = self._wire()
+                    return w.read(w.send("EVALSHA", self._shas[script], 1, self.prefix, *argv))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                raise QueueUnavailable(f"the status store at {_safe(self.url)} cannot be reached to {doing}: "
+                                       f"{e}") from e
+
+        return answer
+
+    def _wire(self) -> _Wire:
+        "This thread's connection for scripts (a new one in a forked child)."
+        key = (os.getpid(), threading.get_ident())
+        w = self._wires.get(key)
+        if w is None:
+            live = {t.ident for t in threading.enumerate()}
+            for k, old in list(self._wires.items()):  # the connections of threads that ended
+                if k[0] == key[0] and k[1] not in live:
+                    del self._wires[k]
+                    old.conn.disconnect()
+            pool = self.redis.connection_pool
+            # No health check: its PING would read an answer still waiting on the connection.
+            kw = {**pool.connection_kwargs, "health_check_interval": 0}
+            w = self._wires[key] = _Wire(pool.connection_class(**kw))
+        return w
 
     def _read(self, fn: Callable[[], Any], doing: str) -> Any:
         import redis
@@ -464,43 +501,6 @@ class StatusStore:
         if not jobs: return lambda: []
         answer = self._soon("insert", *self._insert_argv(jobs), doing="store jobs")
         return lambda: _inserted(answer())
-
-    def _soon(self, script: str, *args: Any, doing: str) -> Callable[[], Any]:
-        "`_call`, answered later: sends the script now, on a connection of its own; the function returned reads it."
-        import redis
-        if script not in self._shas:  # the first call loads the script
-            out = self._call(script, *args, doing=doing)
-            return lambda: out
-        pool = self.redis.connection_pool
-        argv = [f"{self.clock():.6f}", self.max_events, *("" if a is None else a for a in args)]
-
-        def down(e: BaseException) -> BaseException:
-            if isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-                return QueueUnavailable(f"the status store at {_safe(self.url)} cannot be reached to {doing}: {e}")
-            return e
-
-        try: conn = pool.get_connection()
-        except TypeError: conn = pool.get_connection("EVALSHA")  # redis-py < 5.3
-        try: conn.send_command("EVALSHA", self._shas[script], 1, self.prefix, *argv)
-        except BaseException as e:
-            conn.disconnect()
-            pool.release(conn)
-            raise down(e) from e
-
-        def answer() -> Any:
-            try: out = conn.read_response()
-            except redis.exceptions.NoScriptError:  # Redis restarted and forgot the script: it did not run
-                pool.release(conn)
-                self._shas.pop(script, None)
-                return self._call(script, *args, doing=doing)
-            except BaseException as e:
-                conn.disconnect()
-                pool.release(conn)
-                raise down(e) from e
-            pool.release(conn)
-            return out
-
-        return answer
 
     def _insert_argv(self, jobs: Sequence[NewJob]) -> list[Any]:
         due = f"{self.clock() + self.redeliver_after:.6f}"
@@ -686,7 +686,61 @@ class StatusStore:
         return n
 
     def close(self) -> None:
+        for key, w in list(self._wires.items()):
+            if key[0] == os.getpid(): w.conn.disconnect()
+        self._wires.clear()
         self.redis.close()
+
+
+class _Wire:
+    """One connection used by one thread for transition scripts, pipelined: `send` writes a command and returns a
+    ticket, `read(ticket)` reads the answers in order up to that ticket's (keeping the earlier ones for their own
+    `read`). Thread-safe: another thread (a worker's keeper) may read an answer. A broken connection fails every
+    command waiting on it and reconnects on the next `send`."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.waiting: collections.deque[int] = collections.deque()
+        self.answers: dict[int, tuple[bool, Any]] = {}
+        self.next = 0
+
+    def send(self, *args: Any) -> int:
+        import redis
+        with self.lock:
+            if not self.waiting and getattr(self.conn, "_sock", None) is not None:
+                # Idle, yet readable: the server closed it (a restart) or it holds stray data. As the pool does on
+                # checkout, reconnect rather than send a command that would be lost.
+                try: stale = self.conn.can_read(timeout=0)
+                except (redis.exceptions.ConnectionError, OSError): stale = True
+                if stale: self.conn.disconnect()
+            try: self.conn.send_command(*args)
+            except BaseException:
+                self._broken()
+                raise
+            self.next += 1
+            self.waiting.append(self.next)
+            return self.next
+
+    def read(self, ticket: int) -> Any:
+        import redis
+        with self.lock:
+            while ticket not in self.answers:
+                if not self.waiting: raise redis.exceptions.ConnectionError("the answer was lost with its connection")
+                t = self.waiting.popleft()
+                try: self.answers[t] = (True, self.conn.read_response())
+                except redis.exceptions.ResponseError as e: self.answers[t] = (False, e)
+                except BaseException:
+                    self._broken()
+                    raise
+            ok, value = self.answers.pop(ticket)
+        if not ok: raise value
+        return value
+
+    def _broken(self) -> None:
+        "Drop the connection and every answer still expected on it."
+        self.waiting.clear()
+        self.conn.disconnect()
 
 
 class RedisFeed:

@@ -295,7 +295,9 @@ class Proxy:
             with contextlib.suppress(OSError): s.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
-        if self._server is not None: self._server.close()
+        if self._server is not None:  # shutdown first: it wakes the thread blocked in accept(), which holds the port
+            with contextlib.suppress(OSError): self._server.shutdown(socket.SHUT_RDWR)
+            self._server.close()
         with self._lock: socks, self._socks = self._socks, []
         for s in socks:
             with contextlib.suppress(OSError): s.shutdown(socket.SHUT_RDWR)
@@ -359,11 +361,43 @@ def test_requests_succeed_while_the_broker_is_down_and_their_jobs_run_after(outa
         assert lines(log) == ["job 0"]
         # And when the broker is back, the jobs run, in order, each once
         server.start()
-        recs = _done(tasks, ids, 60)
+        try: recs = _done(tasks, ids, 60)
+        except AssertionError as e:
+            ob = tasks.engine.outbox
+            raise AssertionError(f"{e}\noutbox: {ob.pending_jobs()} {ob.last_error}\nworker:\n{worker.tail(40)}") \
+                from None
     assert [r.state for r in recs] == [JobState.succeeded] * 3, worker.tail()
     assert lines(log) == ["job 0", "job 1", "job 2", "job 3"]
     assert worker.alive(), worker.tail()
     assert tasks.engine.outbox.pending_jobs() == []
+
+
+def test_a_job_delivered_while_the_status_store_is_down_runs_once_it_is_back(tmp_path: Path) -> None:
+    # Given RabbitMQ, and the status store on a private redis-server that keeps nothing on disk
+    if shutil.which("redis-server") is None:
+        if CI: pytest.fail("redis-server is required under CI")
+        pytest.skip("redis-server is not installed")
+    status = RedisServer(tmp_path)
+    status.start()
+    cls = type("PrivateStatus", (DramatiqEngine,), {"name": "dramatiq-rabbitmq", "broker": amqp_url(),
+                                                     "status": status.url})
+    try:
+        for dq in _engine(cls, tmp_path): _status_outage(dq, status)
+    finally: status.stop()
+
+
+def _status_outage(dq: DramatiqEngine, status: RedisServer) -> None:
+    tasks = dq.make(workers=0)
+    t = register(tasks)
+    job = t.echo.defer({"survives": True})
+    # When Redis goes away (and comes back empty) while the job's message waits, and a worker takes it meanwhile
+    status.stop()
+    worker = dq.start_worker()
+    wait_until(lambda: "waits in this worker's outbox" in worker.tail(50), 30, "the worker to keep the job")
+    status.start()
+    # Then the worker's outbox brings the job back (its record made again from the message) and it runs
+    rec = wait_until(lambda: (r := tasks.get(job.id)) and r.done and r, 30, "the job to finish")
+    assert (rec.state, rec.result, rec.attempts) == (JobState.succeeded, {"survives": True}, 1), worker.tail()
 
 
 # -- configuration -----------------------------------------------------------------------------------------------------
