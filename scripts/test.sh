@@ -20,6 +20,13 @@ PY
   fi
 fi
 
+# RabbitMQ for the broker engines' tests: start the machine's server if nothing answers on 5672.
+if [ -z "${FH_TASKS_AMQP_URL:-}" ] && ! "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 5672), 1)' 2>/dev/null \
+   && command -v rabbitmq-server >/dev/null; then
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 120); do "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 5672), 1)' 2>/dev/null && break; sleep 0.5; done
+fi
+
 # Chromium for the browser tests (Debian's package; Playwright drives it, never downloads its own).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || true

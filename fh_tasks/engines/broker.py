@@ -3,14 +3,16 @@
 The broker carries one message per job attempt, with the job id as its message id; everything else lives in the
 status store (`status.py`, Redis) and, for requests, the outbox (`outbox.py`, the local SQLite file):
 
-- `submit(jobs)` (outside a request) stores the records, then publishes the queued jobs; if the broker or the status
-  store is down, the jobs go to the outbox and the relay sends them later. `submit_request(jobs)` always commits
-  them to the outbox (the request never waits on the broker) and wakes the relay.
+- `submit(jobs)` (outside a request) stores the records and publishes the queued jobs (the two round trips overlap);
+  if the broker or the status store is down, the jobs go to the outbox and the relay sends them later.
+  `submit_request(jobs)` always commits them to the outbox (the request never waits on the broker) and wakes the
+  relay, which stores, then publishes them.
 - A worker that receives a message calls `run_job(id, task, args, kwargs)`: the status store's `start` admits one
   copy as the next attempt (or drops it), the task runs with `current_job()` set, and the outcome is written,
   fenced by attempt: succeeded (chained jobs released and published), retrying (decided by the hub's hooks:
-  `hooks.decide`), or failed. Progress is buffered and written by a thread of the process, which also renews
-  the leases of the attempts running there (`_Keeper`).
+  `hooks.decide`), or failed. With `overlap=True` a success is sent without waiting for its answer (read with the
+  next job's `start`). Progress is buffered and written by a thread of the process, which also renews the leases
+  of the attempts running there (`_Keeper`).
 - A `Pump` thread in each worker process publishes what the status store says is due: delayed jobs and retries
   whose time came, jobs whose worker died (their lease ran out), queued jobs past their redelivery deadline. So
   delays and retry backoffs never sit in the broker (no visibility-timeout duplicates, no consumer timeouts),
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..context import JobContext, _current
 from ..encoding import decode_args, encode_value, storable_text
 from ..engine import Capabilities, EngineSettings, EngineWorker
-from ..errors import ArgumentError, PayloadTooLarge, QueueUnavailable, TaskTimeout
+from ..errors import ArgumentError, JobCancelled, PayloadTooLarge, QueueUnavailable, TaskTimeout
 from ..events import EventBus
 from ..progress import FLUSH_EVERY
 from ..records import JobRecord, NewJob
@@ -59,6 +61,8 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 PUBLISH_NOW = 0.05
 #: Seconds between two `on_tick` hook calls (retention) of a pump.
 TICK_EVERY = 5.0
+#: Seconds between two checks, in a worker process running jobs, for jobs cancelled while they run.
+CANCEL_CHECK_EVERY = 0.5
 #: How long a worker waits for the record of a job whose message came first (about 1.5 s in all), then drops it.
 MISSING_WAITS = (0.005, 0.02, 0.05, 0.1, 0.3, 1.0)
 
@@ -89,8 +93,8 @@ class BrokerEngine:
     """
 
     name = ""
-    capabilities = Capabilities(listing=True, progress=True, events=True, cancel_queued=True, retry=True, delay=True,
-                                chains=True, async_tasks=True, burst=True)
+    capabilities = Capabilities(listing=True, progress=True, events=True, cancel_queued=True, cancel_running=True,
+                                retry=True, delay=True, chains=True, async_tasks=True, burst=True)
     #: The broker used when `Tasks(broker=...)` is not given.
     default_broker = DEFAULT_REDIS
 
@@ -112,6 +116,7 @@ class BrokerEngine:
         #: Successes sent with `run_job(overlap=True)` whose answers are not read yet (see `settle`).
         self._answers: list[tuple[JobContext, Callable[[], tuple[bool, list[Due]]], Callable[..., None]]] = []
         self._answers_lock = threading.Lock()
+        self._async_runs: dict[tuple[str, int], tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} broker={self.broker_url!r} status={self.status_url!r} ns={self.namespace!r}>"
@@ -132,12 +137,25 @@ class BrokerEngine:
 
     def call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None) -> Any:
         """Run the task's function (in the worker's process): sync functions as they are (the library enforces
-        `timeout`), async ones on this thread's event loop, cut at `timeout`."""
+        `timeout`), async ones on this thread's event loop, cut at `timeout` (and stopped by `stop_attempt`)."""
         if not task.is_async: return task.fn(*args, **kwargs)
+        ctx, loop = _current.get(), _loop()
         coro = task.fn(*args, **kwargs)
-        try: return _loop().run_until_complete(asyncio.wait_for(coro, timeout) if timeout else coro)
+        fut = loop.create_task(asyncio.wait_for(coro, timeout) if timeout else coro)
+        if ctx is not None: self._async_runs[(ctx.id, ctx.attempt)] = (loop, fut)
+        try: return loop.run_until_complete(fut)
         except asyncio.TimeoutError:
             raise TaskTimeout(f"{task.name} ran longer than its {timeout}s timeout") from None
+        except asyncio.CancelledError:
+            raise JobCancelled(f"job {ctx and ctx.id} ({task.name}) was cancelled") from None
+        finally:
+            if ctx is not None: self._async_runs.pop((ctx.id, ctx.attempt), None)
+
+    def stop_attempt(self, id: str, attempt: int) -> None:
+        """The job of a running attempt of this process was cancelled: stop it if it can be (an async task run by
+        `call`). A sync task sees `current_job().cancelled`, and its `progress()` raises `JobCancelled`."""
+        run = self._async_runs.get((id, attempt))
+        if run is not None: run[0].call_soon_threadsafe(run[1].cancel)
 
     def timeout_error(self, error: BaseException) -> bool:
         "True when `error` is the library's way of saying an attempt ran out of time (it is recorded as TaskTimeout)."
@@ -251,6 +269,10 @@ class BrokerEngine:
     def counts(self) -> dict[str, int]:
         return self.status.counts()
 
+    def cancel_running(self, id: str) -> bool:
+        "Cancel a running job: final at once; its worker stops an async attempt, a sync one sees the flag."
+        return self.status.cancel_running(id)
+
     def cancel(self, id: str) -> bool:
         if self.status.cancel(id): return True
         if self._pending(id) is None: return False
@@ -274,7 +296,8 @@ class BrokerEngine:
     def run_job(self, id: str, name: str, args: list[Any], kwargs: dict[str, Any], *, eager: bool = False,
                 then: Callable[[Sequence[Message]], None] | None = None, overlap: bool = False) -> str:
         """Run a delivered job as its next attempt and record the outcome; returns what happened: "succeeded",
-        "retrying", "failed"; "lost" (not run: it failed for good, its workers kept dying); "dropped" (not run: a copy
+        "retrying", "failed", "cancelled" (while it ran); "lost" (not run: it failed for good, its workers kept
+        dying); "dropped" (not run: a copy
         of a job that runs elsewhere, has ended, was cancelled, is not due yet or has no record).
         `eager`: retries without backoff. `then` publishes the jobs that follow (default: `publish_or_later`).
         `overlap`: return before the status store confirms a success (the worker takes its next job meanwhile; the
@@ -307,7 +330,9 @@ class BrokerEngine:
         finally:
             _current.reset(token)
             self._keeper.remove(id, st.attempt)
-        try: outcome = self._record(ctx, task, result, error, eager, then, overlap)
+        try:
+            if self.status.is_cancelled(id, st.attempt): outcome = "cancelled"  # final already: nothing to record
+            else: outcome = self._record(ctx, task, result, error, eager, then, overlap)
         finally: self.hooks.emit("after_run", ctx, task, result, error)
         return outcome
 
@@ -483,11 +508,15 @@ class _Keeper:
         with self._lock: self._running.pop((id, attempt), None)
 
     def _run(self, stop: threading.Event) -> None:
-        status, renew_at = self.engine.status, 0.0
+        status, renew_at, check_at = self.engine.status, 0.0, 0.0
         while not stop.wait(FLUSH_EVERY):
             try:
                 self.engine.settle()
                 if status.progress_pending(): status.flush_progress()
+                if self._running and time.monotonic() >= check_at:  # jobs cancelled while they run
+                    check_at = time.monotonic() + CANCEL_CHECK_EVERY
+                    with self._lock: running = list(self._running)
+                    for id, attempt in status.cancelled_among(running): self.engine.stop_attempt(id, attempt)
                 if time.monotonic() >= renew_at:
                     renew_at = time.monotonic() + self.engine.lease / 3
                     with self._lock: running = list(self._running)
@@ -516,7 +545,7 @@ def _pending_record(j: NewJob) -> JobRecord:
     "A job still in the outbox, as a record: stored, not sent yet."
     return JobRecord.from_row({"id": j.id, "task": j.task, "queue": j.queue, "state": j.state, "args": j.args,
                                "attempts": 0, "max_attempts": j.max_attempts, "created_at": j.created_at,
-                               "run_at": j.run_at, "parent": j.parent})
+                               "run_at": j.run_at, "parent": j.parent, "owner": j.owner})
 
 
 def _err(type_: str, message: str, tb: str | None = None) -> str:

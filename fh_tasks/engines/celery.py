@@ -263,7 +263,10 @@ class BurstWorker:
         self._stop = threading.Event()
 
     async def run(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._run)
+        try: await asyncio.get_running_loop().run_in_executor(None, self._run)
+        except asyncio.CancelledError:  # `drain(timeout=...)` gave up: the thread stops after its current job
+            self._stop.set()
+            raise
 
     def _run(self) -> None:
         e = self.engine

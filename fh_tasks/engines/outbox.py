@@ -227,10 +227,12 @@ class Outbox:
 
 def _dump(j: NewJob) -> str:
     return json.dumps({"id": j.id, "task": j.task, "args": j.args, "queue": j.queue, "max_attempts": j.max_attempts,
-                       "timeout": j.timeout, "run_at": j.run_at, "created_at": j.created_at, "parent": j.parent})
+                       "timeout": j.timeout, "run_at": j.run_at, "created_at": j.created_at, "parent": j.parent,
+                       "owner": j.owner})
 
 
 def _load(text: str) -> NewJob:
     d = json.loads(text)
     return NewJob(id=d["id"], task=d["task"], args=d["args"], queue=d["queue"], max_attempts=d["max_attempts"],
-                  timeout=d["timeout"], run_at=d["run_at"], created_at=d["created_at"], parent=d["parent"])
+                  timeout=d["timeout"], run_at=d["run_at"], created_at=d["created_at"], parent=d["parent"],
+                  owner=d.get("owner"))

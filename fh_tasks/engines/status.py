@@ -4,7 +4,7 @@ Brokers keep messages, not jobs: neither engine can list, count or page jobs, ke
 job from an unknown one. So every job has a record here, written at submit time and moved by the workers:
 
     {ns}:job:<id>        hash: task queue args state attempts max_attempts timeout created_at run_at started_at
-                         finished_at lease_until worker progress result error parent lost engine
+                         finished_at lease_until worker progress result error parent owner lost engine
     {ns}:all             zset of every job, scored by created_at (listing and paging, newest first)
     {ns}:state:<state>   zset per state, scored by created_at (listing by state; counts are ZCARDs)
     {ns}:task:<name>     zset per task, scored by created_at (listing by task; with a state: ZINTERSTORE)
@@ -139,13 +139,14 @@ end
 """
 
 SCRIPTS: dict[str, str] = {
-    # insert: ARGV[3] ttl of final records, ARGV[4] engine, then 10 fields per job (see StatusStore.insert).
+    # insert: ARGV[3] ttl of final records, ARGV[4] engine, then 11 fields per job (see StatusStore.insert).
     # A job already stored is left alone (a relay sending again). Returns, per job: id, its state, and 1 if new.
     "insert": r"""
 local out = {}
-for i = 5, #ARGV, 10 do
-  local id, task, queue, args, maxa, timeout, run_at, created, parent, due =
-    ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9]
+for i = 5, #ARGV, 11 do
+  local id, task, queue, args, maxa, timeout, run_at, created, parent, due, owner =
+    ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9],
+    ARGV[i+10]
   local k = jk(id)
   local st = redis.call('HGET', k, 'state')
   if st then
@@ -162,6 +163,7 @@ for i = 5, #ARGV, 10 do
                'max_attempts', maxa, 'created_at', created, 'run_at', run_at, 'lost', 0, 'engine', ARGV[4])
     if timeout ~= '' then redis.call('HSET', k, 'timeout', timeout) end
     if parent ~= '' then redis.call('HSET', k, 'parent', parent) end
+    if owner ~= '' then redis.call('HSET', k, 'owner', owner) end
     redis.call('ZADD', P .. ':all', created, id)
     redis.call('ZADD', P .. ':task:' .. task, created, id)
     redis.call('ZADD', P .. ':state:' .. state, created, id)
@@ -306,6 +308,16 @@ finish(id, st, 'cancelled', ttl)
 cancel_chain(id, ttl)
 return 1
 """,
+    # cancel_running: ARGV[3] id, [4] ttl. A running job, cancelled (and the rest of its chain): its attempt's late
+    # outcome and progress are refused by their fencing; the attempt's process stops it when it next looks.
+    "cancel_running": r"""
+local id, ttl = ARGV[3], ARGV[4]
+if redis.call('HGET', jk(id), 'state') ~= 'running' then return 0 end
+redis.call('HSET', jk(id), 'error', cjson.encode({type = 'Cancelled', message = 'cancelled while it ran'}))
+finish(id, 'running', 'cancelled', ttl)
+cancel_chain(id, ttl)
+return 1
+""",
     # requeue: ARGV[3] id, [4] redelivery deadline. A failed or cancelled job, queued again with fresh attempts.
     # Returns the job's publishable fields, or {} when it cannot be requeued.
     "requeue": r"""
@@ -419,6 +431,7 @@ class StatusStore:
         self._wires: dict[tuple[int, int], _Wire] = {}
         self._progress = ProgressBuffer()
         self._lock = threading.Lock()
+        self._cancelled: set[tuple[str, int]] = set()  # attempts of this process whose job was cancelled as it ran
 
     def __repr__(self) -> str:
         return f"StatusStore({self.url!r}, namespace={self.namespace!r})"
@@ -507,7 +520,7 @@ class StatusStore:
         argv: list[Any] = [self._ttl, self.engine]
         for j in jobs:
             argv += [j.id, j.task, j.queue, j.args, j.max_attempts, "" if j.timeout is None else repr(j.timeout),
-                     f"{j.run_at:.6f}", f"{j.created_at:.6f}", j.parent or "", due]
+                     f"{j.run_at:.6f}", f"{j.created_at:.6f}", j.parent or "", due, j.owner or ""]
         return argv
 
     def start(self, id: str, worker: str, lease: float) -> Started:
@@ -558,6 +571,24 @@ class StatusStore:
 
     def cancel(self, id: str) -> bool:
         return bool(self._call("cancel", id, self._ttl, doing="cancel a job"))
+
+    def cancel_running(self, id: str) -> bool:
+        "Cancel a running job (see the script); True when it was running."
+        return bool(self._call("cancel_running", id, self._ttl, doing="cancel a job"))
+
+    def cancelled_among(self, attempts: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        "The running attempts among `attempts` whose job was cancelled (`cancel_running`); each is remembered."
+        if not attempts: return []
+        pipe = self.redis.pipeline(transaction=False)
+        for id, _ in attempts: pipe.hmget(self.key("job", id), "state", "attempts")
+        rows = self._read(pipe.execute, "check for cancelled jobs")
+        found = [(id, a) for (id, a), (st, n) in zip(attempts, rows, strict=True) if st == "cancelled" and n == str(a)]
+        self._cancelled.update(found)
+        return found
+
+    def is_cancelled(self, id: str, attempt: int) -> bool:
+        "True once this process found the attempt's job cancelled (`JobContext.cancelled` asks this; no I/O)."
+        return (id, attempt) in self._cancelled
 
     def requeue(self, id: str) -> Due | None:
         "Queue a failed or cancelled job again with fresh attempts; returns it to publish, or None."
@@ -628,7 +659,7 @@ class StatusStore:
     def summary(self, id: str) -> JobRecord | None:
         "The record without its arguments and result (what a status page shows), or None."
         fields = ("id", "task", "queue", "state", "attempts", "max_attempts", "created_at", "run_at", "started_at",
-                  "finished_at", "progress", "error", "parent", "worker")
+                  "finished_at", "progress", "error", "parent", "worker", "owner")
         got = self._read(lambda: self.redis.hmget(self.key("job", id), fields), "read a job")
         if got[3] is None: return None
         return _record({k: v for k, v in zip(fields, got, strict=True) if v is not None})

@@ -2,6 +2,7 @@
 celery_app:celery_app worker`): the Celery engine on the broker, status store and namespace the environment names."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -36,6 +37,25 @@ def make(broker: str, status: str, namespace: str, db: str = "outbox.db", **kw: 
         while time.monotonic() < deadline:
             try: time.sleep(0.05)
             except BaseException: pass
+
+    @tasks.task(name="b.spin")
+    def spin(path: str) -> None:
+        "Reports progress until cancelled (then `progress()` raises JobCancelled); notes that it stopped."
+        try:
+            for i in range(600):
+                current_job().progress({"done": i})
+                time.sleep(0.05)
+        finally:
+            with open(path, "a") as f: f.write("stopped\n")
+
+    @tasks.task(name="b.aspin")
+    async def aspin(path: str) -> None:
+        "Sleeps until cancelled; notes that it stopped."
+        try:
+            current_job().progress({"started": True})
+            await asyncio.sleep(30)
+        finally:
+            with open(path, "a") as f: f.write("stopped\n")
 
     return tasks
 

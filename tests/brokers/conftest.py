@@ -240,3 +240,4 @@ def outage(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> It
                      server)
     try: yield out
     finally: server.stop()
+

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from broker_support import forget
 from celery_app import make
 from fasthtml.common import P, fast_app
 from starlette.testclient import TestClient
@@ -51,8 +52,7 @@ def hub_of(tmp_path: Path, namespace: str) -> Iterator[Callable[..., Tasks]]:
 
     yield hub
     for h in made:
-        try: h.engine.status.clear()  # type: ignore[attr-defined]
-        except Exception: pass
+        forget(h.engine)
         h.close()
 
 
@@ -101,8 +101,7 @@ def test_requests_answer_while_the_broker_is_down_and_their_jobs_run_once_it_is_
         assert lines(out) == ["up", "0", "1", "2", "3", "4"], worker.tail()
         assert outbox.pending_jobs() == [] and all(tasks.get(i).attempts == 1 for i in ids)  # type: ignore[union-attr]
     finally:
-        try: tasks.engine.status.clear()  # type: ignore[attr-defined]
-        except Exception: pass
+        forget(tasks.engine)
         tasks.close()
 
 
@@ -154,16 +153,38 @@ def test_a_job_whose_worker_process_dies_runs_again_a_bounded_number_of_times(
 
 def test_a_task_that_outlives_its_hard_time_limit_fails_with_task_timeout(
         test_redis: str, hub_of: Callable[..., Tasks], start_worker: Any, namespace: str, tmp_path: Path) -> None:
-    # Given a task with a 0.5 s timeout that swallows the soft time limit
+    # Given a task with a 0.5 s timeout that swallows the soft time limit, deferred with one retry
     tasks = hub_of(test_redis)
     log = tmp_path / "attempts"
     worker = start_worker(worker_env(test_redis, namespace), concurrency=1)
-    # When it runs, Then the hard limit kills its pool process and the worker records the attempt as timed out
+    # When it runs, Then each time the hard limit kills its pool process, the worker's main process records the
+    # attempt as timed out; the first is retried, the second fails the job
     t0 = time.monotonic()
-    rec = tasks.registry["b.stubborn"].defer(str(log)).wait(60)
-    assert (rec.state, rec.attempts) == (JobState.failed, 1), worker.tail()
+    rec = tasks.registry["b.stubborn"].with_options(retries=1, retry_delay=0.01).defer(str(log)).wait(60)
+    assert (rec.state, rec.attempts) == (JobState.failed, 2), worker.tail()
     assert rec.error is not None and rec.error["type"] == "TaskTimeout" and "0.5s timeout" in rec.error["message"]
-    assert lines(log) == ["1"] and time.monotonic() - t0 < 20
+    assert lines(log) == ["1", "2"] and time.monotonic() - t0 < 40
+
+
+@pytest.mark.parametrize("task", ["b.spin", "b.aspin"])
+def test_a_running_job_is_cancelled_and_stops(task: str, test_redis: str, hub_of: Callable[..., Tasks],
+                                              start_worker: Any, namespace: str, tmp_path: Path) -> None:
+    # Given a job running in a worker process (a sync task reporting progress, or an async one)
+    tasks = hub_of(test_redis)
+    log = tmp_path / "stopped"
+    worker = start_worker(worker_env(test_redis, namespace), concurrency=1)
+    job = tasks.registry[task].defer(str(log))
+    wait_until(lambda: (r := job.get()) and r.progress is not None, what="the job to run", timeout=60)
+    # When it is cancelled
+    assert tasks.cancel(job.id) is False  # it is not queued any more
+    assert tasks.cancel(job.id, running=True) is True
+    # Then it is cancelled at once, and its attempt stops soon after (the sync one at its next progress report)
+    rec = job.get()
+    assert rec is not None and (rec.state, rec.attempts) == (JobState.cancelled, 1)
+    wait_until(lambda: lines(log) == ["stopped"], what="the attempt to stop", timeout=10)
+    # And the worker goes on to the next job; the cancelled one stays cancelled
+    assert tasks.registry["b.append"].defer(str(tmp_path / "next"), "next").result(30) == "next", worker.tail()
+    assert job.get().state == JobState.cancelled  # type: ignore[union-attr]
 
 
 def test_celery_cli_worker_runs_the_hubs_jobs_and_warns_of_unenforced_timeouts(
@@ -195,7 +216,27 @@ def test_eager_mode_runs_jobs_inline_with_retries(test_redis: str, namespace: st
         rec = once_flaky.defer().get()
         assert rec is not None and (rec.state, rec.attempts, rec.result) == (JobState.succeeded, 2, "ok")
     finally:
-        engine.status.clear()
+        forget(engine)
+        tasks.close()
+
+
+def test_a_result_over_max_result_fails_its_job(test_redis: str, namespace: str, tmp_path: Path) -> None:
+    # Given a hub (eager) whose results may take 100 bytes, and a task returning more
+    engine = CeleryEngine(EngineSettings(broker=test_redis, db=str(tmp_path / "o.db"), eager=True),
+                          namespace=namespace)
+    tasks = Tasks(engine=engine, max_result=100)
+
+    @tasks.task(retries=2)
+    def big() -> str:
+        return "x" * 1000
+
+    try:
+        # When it runs, Then it fails at once (no retry), with ResultError naming the limit
+        rec = big.defer().get()
+        assert rec is not None and (rec.state, rec.attempts, rec.result) == (JobState.failed, 1, None)
+        assert rec.error is not None and rec.error["type"] == "ResultError" and "max_result" in rec.error["message"]
+    finally:
+        forget(engine)
         tasks.close()
 
 

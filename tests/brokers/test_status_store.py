@@ -30,8 +30,9 @@ def err(msg: str) -> str:
 
 
 def test_insert_is_idempotent_and_a_job_runs_once_per_attempt(status: StatusStore) -> None:
-    # Given a stored job, stored again (a relay sending it twice)
+    # Given a stored job (deferred by a session), stored again (a relay sending it twice)
     j = job()
+    j.owner = "session-token"
     assert status.insert([j]) == [(j.id, "queued", True)]
     assert status.insert([j]) == [(j.id, "queued", False)]
     # When two copies of its message arrive
@@ -48,6 +49,8 @@ def test_insert_is_idempotent_and_a_job_runs_once_per_attempt(status: StatusStor
     rec = status.get(j.id)
     assert rec is not None and (rec.state, rec.attempts, rec.result, rec.worker) == (JobState.succeeded, 1, 42, "w1")
     assert status.counts() == {"succeeded": 1}
+    # And the record keeps who deferred it (the status routes show a job to its owner)
+    assert rec.owner == "session-token" and status.summary(j.id).owner == "session-token"  # type: ignore[union-attr]
 
 
 def test_an_attempt_that_lost_its_lease_is_fenced_out(status: StatusStore) -> None:
@@ -169,6 +172,15 @@ def test_cancel_and_requeue(status: StatusStore) -> None:
     rec = status.get(q.id)
     assert rec is not None and (rec.state, rec.attempts, rec.error, rec.finished_at) == (JobState.queued, 0, None, None)
     assert status.start(q.id, "w", 30).attempt == 1
+    # And cancel_running cancels a running job only: its attempt finds out, and its outcome is refused
+    waiting = job()
+    status.insert([waiting])
+    assert status.cancel_running(waiting.id) is False
+    assert status.cancel_running(r.id) is True and status.cancel_running(r.id) is False
+    assert status.cancelled_among([(r.id, 1), (q.id, 1)]) == [(r.id, 1)] and status.is_cancelled(r.id, 1)
+    assert status.succeed(r.id, 1, "null") == (False, [])
+    rec = status.get(r.id)
+    assert rec is not None and rec.state == JobState.cancelled and rec.error is not None
 
 
 def test_listing_paging_and_counts(status: StatusStore) -> None:

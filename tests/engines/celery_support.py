@@ -158,10 +158,10 @@ def cleanup(engine: Any) -> None:
         r.close()
         return
     with engine.celery.connection_for_write() as conn:
-        ch = conn.default_channel
         for q in {engine.queue_name(q) for q in engine.hub.all_queues()}:
-            try: ch.queue_delete(q)
-            except Exception: ch = conn.channel()
+            for delete in ("queue_delete", "exchange_delete"):  # Celery's exchange is named as its queue
+                try: getattr(conn.channel(), delete)(q)
+                except Exception: pass
 
 
 ENGINES.update({"celery-redis": CeleryRedis, "celery-rabbitmq": CeleryRabbitMQ})
