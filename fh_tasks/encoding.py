@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,3 +174,21 @@ def sql_value(v: Any) -> str:
     kind = {str: "text", bytes: "a blob", int: "an integer", float: "a real"}.get(type(v), type(v).__name__)
     r = repr(v)
     return f"{r if len(r) <= 40 else r[:37] + '...'} ({kind})"
+
+
+def error_record(type_: str, message: str, tb: str | None = None) -> dict[str, Any]:
+    "A stored error. Text that UTF-8 cannot hold (lone surrogates, as in `os.fsdecode` names) is backslash-escaped."
+    return {"type": storable_text(type_), "message": storable_text(message),
+            "traceback": None if tb is None else storable_text(tb)}
+
+
+def exception_text(e: BaseException) -> str:
+    "`str(e)`, even when the exception's own `__str__` raises."
+    try: return str(e)
+    except Exception: return f"<{type(e).__name__} whose str() raised>"
+
+
+def exception_trace(e: BaseException) -> str | None:
+    "The formatted traceback of `e`, or None when formatting it fails."
+    try: return "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    except Exception: return None

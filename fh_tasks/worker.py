@@ -13,13 +13,15 @@ import math
 import os
 import socket
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, _current
 from .encoding import decode_args, encode_value, is_utf8, sql_value, storable_text
+from .encoding import error_record as _err
+from .encoding import exception_text as _text
+from .encoding import exception_trace as _trace
 from .errors import ArgumentError, PayloadTooLarge, QueueBusy, QueueUnavailable, TaskTimeout
 from .executors import DaemonThreadPool, ProcessPool, call_in_thread, process_pool, thread_pool
 from .progress import FLUSH_EVERY
@@ -576,22 +578,6 @@ async def _run_async(ctx: JobContext, task: Task[Any, Any], args: list[Any], kwa
     _current.set(ctx)  # this asyncio task has its own context copy
     try: return await task.fn(*args, **kwargs)
     except SystemExit as e: raise _Exited() from e
-
-
-def _err(type_: str, message: str, tb: str | None = None) -> dict[str, Any]:
-    "A stored error. Text that UTF-8 cannot hold (lone surrogates, as in `os.fsdecode` names) is backslash-escaped."
-    return {"type": storable_text(type_), "message": storable_text(message),
-            "traceback": None if tb is None else storable_text(tb)}
-
-
-def _text(e: BaseException) -> str:
-    try: return str(e)
-    except Exception: return f"<{type(e).__name__} whose str() raised>"
-
-
-def _trace(e: BaseException) -> str | None:
-    try: return "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    except Exception: return None
 
 
 def _real(x: Any) -> bool:

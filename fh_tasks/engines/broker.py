@@ -32,12 +32,13 @@ import logging
 import os
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..context import JobContext, _current
-from ..encoding import decode_args, encode_value, storable_text
+from ..encoding import decode_args, encode_value, error_record, storable_text
+from ..encoding import exception_text as _text
+from ..encoding import exception_trace as _trace
 from ..engine import Capabilities, EngineSettings, EngineWorker
 from ..errors import ArgumentError, JobCancelled, PayloadTooLarge, QueueUnavailable, TaskTimeout
 from ..events import EventBus
@@ -549,18 +550,7 @@ def _pending_record(j: NewJob) -> JobRecord:
 
 
 def _err(type_: str, message: str, tb: str | None = None) -> str:
-    return json.dumps({"type": storable_text(type_), "message": storable_text(message),
-                       "traceback": None if tb is None else storable_text(tb)})
-
-
-def _text(e: BaseException) -> str:
-    try: return str(e)
-    except Exception: return f"<{type(e).__name__} whose str() raised>"
-
-
-def _trace(e: BaseException) -> str | None:
-    try: return "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    except Exception: return None
+    return json.dumps(error_record(type_, message, tb))
 
 
 def _log_failure(ctx: JobContext, type_: str, message: str, retry_in: float | None = None) -> None:
