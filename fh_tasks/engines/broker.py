@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -82,7 +83,7 @@ class Message(Protocol):
     def timeout(self) -> float | None: ...
 
 
-class BrokerEngine:
+class BrokerEngine(ABC):
     """An engine whose jobs travel through a broker and whose records live in the status store (module docstring).
 
     Args:
@@ -123,18 +124,18 @@ class BrokerEngine:
         return f"<{type(self).__name__} broker={self.broker_url!r} status={self.status_url!r} ns={self.namespace!r}>"
 
     # -- what a subclass implements --------------------------------------------------------------------------------
+    @abstractmethod
     def register(self, task: Task[Any, Any]) -> None:
         "Make `task` known to the broker library under `task.name` (called once per task, before it is needed)."
-        raise NotImplementedError
 
+    @abstractmethod
     def publish(self, jobs: Sequence[Message]) -> tuple[int, BaseException | None]:
         """Send one message per job, in order, with the job id as message id; returns how many were sent and the
         error that stopped it (a broker that cannot be reached as `QueueUnavailable`), or None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def worker(self, **options: Any) -> EngineWorker:
         "A worker process's worker (`fh-tasks worker`), or a burst worker with `burst=True` (`testing.drain`)."
-        raise NotImplementedError
 
     def call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None) -> Any:
         """Run the task's function (in the worker's process): sync functions as they are (the library enforces
@@ -419,6 +420,7 @@ class BrokerEngine:
 
     async def stop(self) -> None:
         "Nothing runs here (the outbox relay keeps sending until `close`)."
+        return
 
     def runs_on_current_loop(self) -> bool:
         return False
