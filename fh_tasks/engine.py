@@ -38,7 +38,13 @@ class Capabilities:
     delay: bool = False              #: `with_options(delay=...)` runs a job later
     chains: bool = False             #: `fh_tasks.BackgroundTasks` runs jobs in order
     priorities: bool = False         #: a job's priority decides which queued job runs first
-    cron: bool = False               #: periodic tasks fire once per slot
+    cron: bool = False               #: periodic tasks fire once per slot (`@tasks.cron`)
+    schedule_at: bool = False        #: `with_options(at=datetime)` runs a job at a given time
+    unique: bool = False             #: `with_options(key=...)` returns the live job with that key instead of a second
+    limits: bool = False             #: a task's concurrency and rate limits hold across every worker
+    queue_order: bool = False        #: workers take their queues in strict order or by weight
+    workflows: bool = False          #: chains that pass results, and groups with a callback (`fh_tasks.flow`)
+    cancel_process: bool = False     #: cancelling a running process-pool job terminates it
     async_tasks: bool = False        #: `async def` tasks
     process_pool: bool = False       #: `@tasks.task(process=True)`
     in_process_workers: bool = False  #: workers can run inside the web app's process (`Tasks(workers=N)`)

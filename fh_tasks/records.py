@@ -167,6 +167,11 @@ class NewJob:
     created_at: float = 0.0
     parent: str | None = None
     owner: str | None = None  #: the deferring session's token (see `JobRecord.owner`)
+    priority: int = 0         #: higher runs first within its queue
+    key: str | None = None    #: uniqueness key: one live job per key (`with_options(key=...)`)
+    limit_key: str | None = None  #: what the task's concurrency and rate limits count against (None: no limits)
+    takes: str | None = None  #: "parent" or "group": the job gets that result (results) before its own arguments
+    group: str | None = None  #: a group member: the id of the group's callback job
 
     @property
     def state(self) -> str:

@@ -1,14 +1,15 @@
 -- Named queries, loaded by name into a dict. Times are Unix seconds (REAL).
 
 -- name: insert
-INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent, owner)
-VALUES (:id, :task, :queue, :args, :state, :max_attempts, :timeout, :run_at, :created_at, :parent, :owner);
+INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent, owner,
+                    priority, ukey, limit_key, takes, grp)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: insert_claimed
 -- A new job handed straight to an in-process worker with a free slot: stored as claimed (attempt 1).
 INSERT INTO fh_jobs (id, task, queue, args, state, attempts, max_attempts, timeout, run_at, created_at,
-                     worker, lease_until, started_at, owner)
-VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?, ?);
+                     worker, lease_until, started_at, owner, priority, ukey, limit_key, takes, grp)
+VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: claim
 -- One statement claims a batch: the due jobs of the queues, oldest first. attempts+1 is the new fencing token.

@@ -269,7 +269,8 @@ class SQLiteStore:
 
     def _insert(self, c: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
         c.executemany(Q["insert"], [(j.id, j.task, j.queue, j.args, j.state, j.max_attempts, j.timeout,
-                                     j.run_at, j.created_at, j.parent, j.owner) for j in jobs])
+                                     j.run_at, j.created_at, j.parent, j.owner, j.priority, j.key, j.limit_key,
+                                     j.takes, j.group) for j in jobs])
         for j in jobs:
             if j.parent: self._settle_child(c, j)
 
@@ -291,7 +292,8 @@ class SQLiteStore:
             accepted = self._record(c, list(outcomes), now)
             if claimed:
                 c.executemany(Q["insert_claimed"], [(j.id, j.task, j.queue, j.args, j.max_attempts, j.timeout, j.run_at,
-                                                     j.created_at, worker, now + lease, now, j.owner)
+                                                     j.created_at, worker, now + lease, now, j.owner, j.priority,
+                                                     j.key, j.limit_key, j.takes, j.group)
                                                     for j in jobs[:claimed]])
             if claimed < len(jobs): self._insert(c, jobs[claimed:])
         if claimed < len(jobs): self._committed()
