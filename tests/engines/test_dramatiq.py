@@ -3,17 +3,13 @@ named by their ids, Dramatiq's own retries and limits never apply, workers are `
 a killed worker's prefetched messages are not lost, and requests keep working while the broker is down."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +18,10 @@ from typing import Any
 import dramatiq_tasks
 import pytest
 from contract_tasks import TIMEOUT, lines, register
-from dramatiq_support import DramatiqEngine, amqp_url, answers, redis_url
+from dramatiq_support import DramatiqEngine, amqp_url, redis_url
 from engines_support import ENGINES, Unavailable, site, wait_until
 from fasthtml.common import P
+from servers import Proxy, RedisServer
 from starlette.testclient import TestClient
 from support import CI
 
@@ -226,84 +223,6 @@ def test_a_stopped_worker_finishes_its_job_and_a_second_signal_gives_it_back(dq:
 
 
 # -- the broker goes away ----------------------------------------------------------------------------------------------
-def fixed_port() -> int:
-    """A free port below the kernel's range of ephemeral ports: while nothing listens on it, no client's outgoing
-    connection can take it as its own port (a client retrying on an ephemeral port may even connect to itself)."""
-    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(max(1024, lo - 12000), lo), 200):
-        with socket.socket() as s:
-            try: s.bind(("127.0.0.1", port))
-            except OSError: continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-class RedisServer:
-    "A private redis-server on a fixed port that keeps nothing on disk; `stop()` and `start()` it at will."
-
-    def __init__(self, dir: Path) -> None:
-        self.dir, self.port = dir, fixed_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
-        wait_until(lambda: answers(self.url) is None, 10, "the private redis-server to answer", 0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-class Proxy:
-    "A TCP relay from a free port to `target`: `stop()` drops every connection and the port, `start()` opens it again."
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target, self.port = target, fixed_port()
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._server: socket.socket | None = None
-
-    def start(self) -> None:
-        srv = socket.socket()
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", self.port))
-        srv.listen(64)
-        self._server = srv
-        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
-
-    def _accept(self, srv: socket.socket) -> None:
-        while True:
-            try: client, _ = srv.accept()
-            except OSError: return
-            try: upstream = socket.create_connection(self.target, 2)
-            except OSError:
-                client.close()
-                continue
-            with self._lock: self._socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536): b.sendall(data)
-        except OSError: pass
-        for s in (a, b):
-            with contextlib.suppress(OSError): s.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        if self._server is not None:  # shutdown first: it wakes the thread blocked in accept(), which holds the port
-            with contextlib.suppress(OSError): self._server.shutdown(socket.SHUT_RDWR)
-            self._server.close()
-        with self._lock: socks, self._socks = self._socks, []
-        for s in socks:
-            with contextlib.suppress(OSError): s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 @pytest.fixture(params=["redis", "rabbitmq"])
 def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[DramatiqEngine, Any]]:
     """The Dramatiq engine on a broker the test can take away: a private redis-server (broker and status store, the
