@@ -9,8 +9,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .chain import BackgroundTasks
     from .context import JobContext, current_job
+    from .cron import cron_slot
     from .engine import Capabilities, Engine
     from .errors import (
         ArgumentError,
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         Unsupported,
     )
     from .events import JobEvent
+    from .flow import BackgroundTasks, Flow, Signature, chain, group
     from .hooks import Decision, Hook
     from .hub import Tasks
     from .job import Job
@@ -39,8 +40,10 @@ __version__ = "0.1.0"
 __all__ = [
     # The hub and its tasks
     "Tasks", "Task", "Call", "BackgroundTasks",
+    # Workflows
+    "chain", "group", "Signature", "Flow",
     # Jobs
-    "Job", "JobRecord", "JobState", "JobContext", "current_job", "JobStatus",
+    "Job", "JobRecord", "JobState", "JobContext", "current_job", "cron_slot", "JobStatus",
     # Events, hooks and engines
     "JobEvent", "Hook", "Decision", "Engine", "Capabilities",
     # Errors and control flow
@@ -49,8 +52,10 @@ __all__ = [
 ]
 
 _WHERE = {
-    "Tasks": "hub", "Task": "task", "Call": "task", "BackgroundTasks": "chain", "Job": "job", "JobRecord": "records",
-    "JobState": "records", "JobContext": "context", "current_job": "context", "JobStatus": "ui.status",
+    "Tasks": "hub", "Task": "task", "Call": "task", "BackgroundTasks": "flow", "Job": "job", "JobRecord": "records",
+    "JobState": "records", "JobContext": "context", "current_job": "context", "cron_slot": "cron",
+    "JobStatus": "ui.status",
+    "chain": "flow", "group": "flow", "Signature": "flow", "Flow": "flow",
     "JobEvent": "events", "Hook": "hooks", "Decision": "hooks", "Engine": "engine", "Capabilities": "engine",
     **{name: "errors" for name in __all__[__all__.index("FhTasksError"):]},
 }

@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import StoreError
+from .errors import StoreError, Unsupported
 from .hub import DEFAULT_DB, Tasks
 from .logs import EscapingFormatter, JsonFormatter, escape
-from .records import JobRecord, JobState
+from .records import JobRecord, JobState, QueueOrder
 from .redact import REDACTED, is_secret_key, redact, redact_text
 
 if TYPE_CHECKING:
@@ -43,13 +43,14 @@ log = logging.getLogger("fh_tasks.cli")
 #: Environment variables mirrored by flags: (flag dest, variable).
 ENV = {"app": "FH_TASKS_APP", "db": "FH_TASKS_DB", "processes": "FH_TASKS_PROCESSES",
        "concurrency": "FH_TASKS_CONCURRENCY", "queues": "FH_TASKS_QUEUES", "log_level": "FH_TASKS_LOG_LEVEL",
-       "grace": "FH_TASKS_GRACE", "lease": "FH_TASKS_LEASE", "log_format": "FH_TASKS_LOG_FORMAT"}
+       "grace": "FH_TASKS_GRACE", "lease": "FH_TASKS_LEASE", "log_format": "FH_TASKS_LOG_FORMAT",
+       "strict_queues": "FH_TASKS_STRICT_QUEUES"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PENDING = ("queued", "running", "retrying", "waiting")
 #: Longest duration any option takes (100 years): more is a typo, and would overflow timers.
 MAX_DURATION = 100 * 365 * 86400.0
 #: Commands that only read the store: they open it read-only, so they can never change it.
-READ_ONLY = ("ls", "show", "stats", "wait", "backup")
+READ_ONLY = ("ls", "show", "stats", "wait", "backup", "cron")
 #: `show` cuts each field at this many characters, and a traceback at this many lines.
 SHOW_CHARS, SHOW_LINES = 4000, 200
 #: Supervisor: a worker process that dies is restarted after a delay that doubles from the first to the second
@@ -98,10 +99,15 @@ def _seconds(text: str) -> float:
     return v
 
 
-def _queues(text: str) -> tuple[str, ...]:
-    qs = tuple(q.strip() for q in text.split(",") if q.strip())
-    if not qs: raise ValueError(f"{text!r} names no queue (give a comma-separated list)")
-    return qs
+def _queues(text: str) -> QueueOrder:
+    "`high,default` (merged in due order) or `high=3,default=1` (weighted): see `QueueOrder`."
+    return QueueOrder.of(text)
+
+
+def _flag(text: str) -> bool:
+    if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{text!r} is not 1/true/yes/on or 0/false/no/off")
+    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _level(text: str) -> str:
@@ -220,8 +226,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:  # opens the store now: a missing directory or read-only file fails here, clearly
         if (store := _sqlite(hub)) is not None: store.expire()
     except StoreError as e: raise CliError(str(e)) from None
+    queues = args.queues
+    if args.strict_queues:
+        try: queues = QueueOrder.of(queues or hub.queue_order, strict=True)
+        except ValueError as e: raise CliError(f"--strict-queues: {e}") from None
+    if isinstance(queues, QueueOrder) and queues.mode != "merged":
+        try: hub.engine.capabilities.require("queue_order", hub.engine.name, f"take queues by {queues.mode} order")
+        except Unsupported as e: raise CliError(str(e)) from None
+    elif isinstance(queues, QueueOrder): queues = queues.names  # plain names: what every engine's worker takes
     if args.processes > 1: return _supervise(args)
-    opts: dict[str, Any] = {k: v for k, v in (("concurrency", args.concurrency), ("queues", args.queues),
+    opts: dict[str, Any] = {k: v for k, v in (("concurrency", args.concurrency), ("queues", queues),
                                              ("grace", args.grace), ("lease", args.lease)) if v is not None}
     if args.burst: return asyncio.run(_burst(hub, opts))
     w = hub.worker(**opts)
@@ -312,7 +326,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
             "--log-format", args.log_format]
     for dest in ("db", "concurrency", "grace", "lease"):
         if (v := getattr(args, dest)) is not None: argv += [f"--{dest}", str(v)]
-    if args.queues: argv += ["--queues", ",".join(args.queues)]
+    if args.queues: argv += ["--queues", str(args.queues)]
+    if args.strict_queues: argv += ["--strict-queues"]
     return argv + (["--burst"] if args.burst else [])
 
 
@@ -524,6 +539,31 @@ def _workers_and_orphans(store: SQLiteStore, workers: list[Any]) -> None:
         print(f"no live worker runs task {_clean(task)} (queue {_clean(queue)}): {when}")
 
 
+def cmd_cron(args: argparse.Namespace) -> int:
+    "List the app's periodic tasks (@tasks.cron): schedule, time zone, queue, the next runs and the last slot fired."
+    args.app = args.target or args.app
+    if not args.app: raise CliError("name the app's hub: fh-tasks cron module:attr (or set FH_TASKS_APP)")
+    from .cron import schedules
+    hub = _hub(args)
+    specs = schedules(hub)
+    if not specs:
+        print("no periodic tasks (@tasks.cron) in this app")
+        return 0
+    stored: dict[str, dict[str, Any]] = {}
+    if (store := _sqlite(hub)) is not None:
+        try: stored = {r["name"]: r for r in store.cron_rows()}
+        except StoreError as e: print(f"fh-tasks: no run shown: {_clean(e)}", file=sys.stderr)
+    now, fmt = time.time(), "%Y-%m-%d %H:%M:%S %Z"
+    rows = []
+    for s in specs:
+        last = stored.get(s.task, {}).get("last_slot")
+        rows.append((s.task, s.expr, s.tz, s.queue, s.missed,
+                     ", ".join(s.local(t).strftime(fmt) for t in s.upcoming(now, args.next)),
+                     s.local(last).strftime(fmt) if isinstance(last, (int, float)) else "-"))
+    print(table(("TASK", "SCHEDULE", "TZ", "QUEUE", "MISSED", "NEXT RUNS", "LAST FIRED"), rows, (60, 40, 32)))
+    return 0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     "Wait until no job is queued, running, retrying or waiting; a progress bar goes to stderr."
     hub = _hub(args)
@@ -600,11 +640,12 @@ def _bar(done: int, pending: int, running: int, elapsed: float, tty: bool) -> No
 # -- argument parsing ------------------------------------------------------------------------------
 _CONVERT: dict[str, Callable[[str], Any]] = {
     "processes": _whole(1, 256), "concurrency": _whole(1, 100_000), "queues": _queues, "grace": parse_duration,
-    "lease": _seconds, "log_level": _level, "log_format": _log_format}
+    "lease": _seconds, "log_level": _level, "log_format": _log_format, "strict_queues": _flag}
 _WORKER_OPTIONS = (
     ("processes", "N", "worker processes (default 1)"),
     ("concurrency", "N", "jobs each process runs at once (default: the hub's)"),
-    ("queues", "LIST", "comma-separated queues to serve (default: the hub's)"),
+    ("queues", "LIST", "comma-separated queues to serve, taken together in due order; with weights "
+                       "(high=3,default=1) each claim draws their order (default: the hub's)"),
     ("grace", "SECONDS", "time running jobs get to finish when stopping: seconds, or like 2m (default: the hub's)"),
     ("lease", "SECONDS", "time before a silent worker's jobs are taken back: seconds, or like 2m (default: the "
                          "hub's)"),
@@ -633,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument(f"--{dest.replace('_', '-')}", type=_arg(_CONVERT[dest]), metavar=metavar,
                        help=_env_help(dest, text))
     w.add_argument("--db", metavar="PATH", help=_env_help("db", "use this SQLite file instead of the hub's"))
+    w.add_argument("--strict-queues", action="store_true", default=None,
+                   help=_env_help("strict_queues", "take the queues in the order given: all due jobs of a queue "
+                                                   "before any of the next"))
     w.add_argument("--burst", action="store_true",
                    help=f"stop once nothing is queued, running or due within {BURST_WINDOW:g}s; exit code 0: no job "
                         "failed, 1: some job failed")
@@ -664,8 +708,13 @@ def _add_commands(sub: Any) -> None:
                             description=cmd_backup.__doc__)
     backup.add_argument("dest", metavar="DEST", help="the file to write (or a directory to write it in)")
     backup.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    cron = sub.add_parser("cron", help="list periodic tasks and their next runs", description=cmd_cron.__doc__)
+    cron.add_argument("target", nargs="?", metavar="MODULE:ATTR",
+                      help=_env_help("app", "the Tasks hub (or the app it is bound to)"))
+    cron.add_argument("--next", type=_arg(_whole(1, 100)), default=3, metavar="N",
+                      help="show the next N runs of each (default 3)")
     for name, sp in (("ls", ls), ("show", show), ("retry", retry), ("cancel", cancel), ("purge", purge),
-                     ("stats", stats), ("wait", wait), ("backup", backup)):
+                     ("stats", stats), ("wait", wait), ("backup", backup), ("cron", cron)):
         _store_options(sp)
         sp.set_defaults(func=globals()[f"cmd_{name}"])
 

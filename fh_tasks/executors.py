@@ -195,8 +195,9 @@ class _Child:
 class ProcessPool:
     """Up to `size` child processes (forkserver, or spawn where fork is unavailable) running sync tasks.
 
-    `run()` is awaited on the worker's loop. Cancelling it (job timeout, shutdown past the grace period)
-    kills that job's child only; a child that dies fails only its own job.
+    `run()` is awaited on the worker's loop. Cancelling it (job timeout, job cancelled by `tasks.cancel(id,
+    running=True)`, shutdown past the grace period) kills that job's child only, and a replacement starts at once
+    in the background; a child that dies fails only its own job.
     """
 
     def __init__(self, size: int | None = None, method: str | None = None) -> None:
@@ -210,6 +211,7 @@ class ProcessPool:
         self._busy: set[_Child] = set()
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
+        self._refill: asyncio.Task[None] | None = None  # starting children to replace killed ones
         _pools.add(self)
 
     def _spawn(self) -> _Child:
@@ -243,6 +245,13 @@ class ProcessPool:
                 raise
             self._adopt(fut)
 
+    def _replace(self) -> None:
+        """A child was killed (its job cancelled or timed out) or died: start its replacement now, in the background,
+        so that the next job does not wait for a start-up. The other children and their jobs are not touched."""
+        if self._closed or (self._refill is not None and not self._refill.done()): return
+        try: self._refill = asyncio.ensure_future(self.warm())
+        except RuntimeError: pass  # no running loop: the next job starts a child itself
+
     def _adopt(self, fut: asyncio.Future[_Child]) -> None:
         if fut.cancelled() or fut.exception() is not None: return
         c = fut.result()
@@ -263,6 +272,7 @@ class ProcessPool:
                 reply = await child.call(request)
             except BaseException:
                 child.kill()  # cancelled or dead: a child in an unknown state is never reused
+                self._replace()
                 raise
             finally:
                 self._busy.discard(child)
@@ -273,6 +283,7 @@ class ProcessPool:
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         "Stop every child: idle ones exit, busy ones are killed (their jobs were already given back)."
         self._closed = True
+        if self._refill is not None: self._refill.cancel()  # a child it is starting is stopped once up (`_adopt`)
         busy, idle = list(self._busy), self._idle
         self._idle = []
         for c in busy: c.proc.kill()

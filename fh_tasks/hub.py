@@ -2,9 +2,10 @@
 knows the other parts: every call goes through it to the engine, which stores and runs the jobs."""
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import web
 from .encoding import MAX_PAYLOAD, MAX_RESULT
@@ -13,8 +14,9 @@ from .engines import make
 from .events import EventBus, JobEvent
 from .hooks import Hook, Hooks
 from .job import Job
+from .limits import Limits, task_limits
 from .owner import same_owner, session_owner
-from .records import JobRecord, JobState, NewJob
+from .records import JobRecord, JobState, NewJob, QueueOrder
 from .retention import DEFAULT_RETENTION, Retention
 from .retry import Retries
 from .store.sqlite import SQLiteStore
@@ -25,6 +27,12 @@ __all__ = ["Tasks", "DEFAULT_DB", "DEFAULT_RETENTION"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+log = logging.getLogger("fh_tasks")
+
+
+class _UniqueEngine(Protocol):
+    "An engine with capability `unique`: it finds the live job holding a key."
+    def live_job(self, key: str) -> str | None: ...
 
 
 class Tasks:
@@ -39,7 +47,10 @@ class Tasks:
         store: a `SQLiteStore` to use instead of `db`.
         workers: in-process workers started with the app (0: none; run `fh-tasks worker` beside it).
         concurrency: jobs one worker runs at once.
-        queues: queues the workers serve (default: `default` and every registered task's queue).
+        queues: queues the workers serve (default: `default` and every registered task's queue), taken together in
+            due order: `["high", "default"]` or `"high,default"`; with weights, each claim draws the order of the
+            queues: `{"high": 3, "default": 1}` or `"high=3,default=1"` (docs/flow.md).
+        strict_queues: take the queues in the order given: a queue's due jobs all go before the next queue's.
         eager: run each job inline when it is stored (for tests).
         durability: "normal" (survives process crashes) or "full" (fsync every commit, group commit).
         lease: seconds a claimed job stays leased without a heartbeat before another worker may take it.
@@ -55,7 +66,8 @@ class Tasks:
 
     def __init__(self, app: Any = None, *, engine: str | Engine = "sqlite", broker: str | None = None,
                  status: str | None = None, db: str = DEFAULT_DB, store: SQLiteStore | None = None, workers: int = 1,
-                 concurrency: int = 8, queues: Sequence[str] | None = None, eager: bool = False,
+                 concurrency: int = 8, queues: Sequence[str] | Mapping[str, float] | str | None = None,
+                 strict_queues: bool = False, eager: bool = False,
                  durability: Literal["normal", "full"] = "normal", lease: float = 30.0, poll_interval: float = 0.1,
                  grace: float = 10.0, retention: float | None = DEFAULT_RETENTION, max_payload: int = MAX_PAYLOAD,
                  max_result: int = MAX_RESULT, hooks: Iterable[Hook] = (), clock: Callable[[], float] = time.time,
@@ -64,20 +76,25 @@ class Tasks:
             raise ValueError(f"max_result must be a whole number of bytes >= 1, not {max_result!r}")
         if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError(f"prefix must start with '/' and not end with one, not {prefix!r}")
+        order = QueueOrder.of(queues, strict=strict_queues) if queues else None
+        if strict_queues and order is None: raise ValueError("strict_queues=True needs the queues in order: queues=")
+        self._queue_order = order
         self.settings = EngineSettings(db=db, broker=broker, status=status, durability=durability, workers=workers,
-                                       concurrency=concurrency, queues=tuple(queues) if queues else None, lease=lease,
+                                       concurrency=concurrency, queues=order.names if order else None, lease=lease,
                                        poll_interval=poll_interval, grace=grace, eager=eager, clock=clock)
         if store is not None:
             if engine != "sqlite": raise ValueError("store= is a SQLiteStore: it needs engine='sqlite'")
             from .engines.sqlite import SQLiteEngine
             engine = SQLiteEngine(self.settings, store=store)
         self.engine: Engine = make(engine, self.settings) if isinstance(engine, str) else engine
+        if order is not None and order.mode != "merged":
+            self.engine.capabilities.require("queue_order", self.engine.name, f"take queues by {order.mode} order")
         self.clock = clock
         self.registry: dict[str, Task[Any, Any]] = {}
         self.max_payload, self.max_result, self.prefix = max_payload, max_result, prefix
         self.access = access
         # User hooks first: their `on_failure` decides before the built-in retry rule.
-        self.hooks = Hooks([*hooks, Retries(), Retention(retention)])
+        self.hooks = Hooks([*hooks, Retries(), Retention(retention), Limits()])
         self.app: Any = None
         self._unhook: Callable[[], None] | None = None  # the `on_event` hooks' subscription, while started
         self.engine.bind(self)
@@ -100,12 +117,12 @@ class Tasks:
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
     @overload
     def task(self, fn: None = None, /, *, name: str | None = None, queue: str = "default", retries: int = 0,
-             retry_delay: float = 1.0, timeout: float | None = None, process: bool = False,
+             retry_delay: float = 1.0, timeout: float | None = None, process: bool = False, priority: int = 0,
              **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(self, fn: Callable[P, R] | None = None, /, *, name: str | None = None, queue: str = "default",
              retries: int = 0, retry_delay: float = 1.0, timeout: float | None = None, process: bool = False,
-             **options: Any) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+             priority: int = 0, **options: Any) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a task: `@tasks.task` or `@tasks.task(retries=3, timeout=30)`.
 
         Args:
@@ -114,18 +131,26 @@ class Tasks:
             retries: further attempts after a failure, with exponential backoff from `retry_delay` seconds.
             timeout: seconds an attempt may run before it counts as failed.
             process: run in a process pool (CPU-bound sync functions).
-            **options: options declared by the hub's hooks (`Hook.options`); any other name is refused.
+            priority: from -100 to 100: higher runs first within its queue (docs/flow.md; per call: `with_options`).
+            **options: options declared by the hub's hooks (`Hook.options`); any other name is refused. The built-in
+                `Limits` hook declares limits across every worker (docs/flow.md): `concurrency=2`, `rate="10/s"`,
+                `limit_by=lambda customer_id, **_: f"customer:{customer_id}"`.
         """
+        if (once := sorted({"at", "key"} & set(options) - set(self.hooks.options))):
+            raise TypeError(f"{once[0]}= is given per call, not per task: task.with_options({once[0]}=...).defer()")
         opts = TaskOptions(queue=queue, retries=retries, retry_delay=retry_delay, timeout=timeout, process=process,
-                           extra=self._hook_options(options))
+                           priority=priority, extra=self._hook_options(options))
         caps = self.engine.capabilities
         if process: caps.require("process_pool", self.engine.name, "run process=True tasks")
+        if priority: caps.require("priorities", self.engine.name, f"give tasks a priority (priority={priority!r})")
 
         def register(f: Callable[P, R]) -> Task[P, R]:
             if isinstance(f, Task): raise TypeError(f"{f.name} is already a registered task")
             if not callable(f): raise TypeError(f"@tasks.task needs a function, not {type(f).__name__}")
             t: Task[P, R] = Task(self, f, name or task_name(f), opts)
             if t.is_async: caps.require("async_tasks", self.engine.name, f"run async task {t.name}")
+            if task_limits(t) is not None:  # also refuses limit_by without a limit
+                caps.require("limits", self.engine.name, f"limit the concurrency or rate of task {t.name}")
             old = self.registry.get(t.name)
             same = old is None or old.fn is f or getattr(old.fn, "__code__", None) is getattr(f, "__code__", 0)
             if not same:
@@ -135,6 +160,26 @@ class Tasks:
             return t
 
         return register(fn) if fn is not None else register
+
+    def cron(self, expr: str, /, *, tz: str = "UTC", missed: Literal["run_once", "skip"] = "run_once",
+             **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a periodic task, fired once per slot of a cron schedule however many processes run workers:
+
+            @tasks.cron("*/5 * * * *", tz="Europe/Paris", retries=2)
+            def refresh_rates(): ...
+
+        Args:
+            expr: a cron expression: 5 fields, or 6 with seconds first (`"*/10 * * * * *"`), or `@hourly`...
+            tz: the zoneinfo time zone the schedule is read in (DST: see `fh_tasks.cron`).
+            missed: slots missed while no worker of the task's queue ran: `"run_once"` fires one job for the latest
+                of them on start-up, `"skip"` none.
+            **options: those of `task()` (name, queue, retries, retry_delay, timeout, process, hooks' options).
+
+        The job knows its slot: `fh_tasks.cron_slot()`. A bad expression or time zone is refused here (ValueError
+        naming the task). Needs `pip install fh-tasks[cron]` and an engine with capability `cron` (not Celery or
+        Dramatiq). See fh_tasks/cron.py and docs/scheduling.md."""
+        from .cron import declare
+        return declare(self, expr, tz=tz, missed=missed, options=options)
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         "Task options the hooks declare, converted by their converters; an undeclared name is a TypeError."
@@ -154,6 +199,12 @@ class Tasks:
         if self.settings.queues: return self.settings.queues
         return tuple(sorted({"default"} | {t.options.queue for t in self.registry.values()}))
 
+    @property
+    def queue_order(self) -> QueueOrder:
+        "The queues workers serve and the order they take them in (merged unless `Tasks(queues=...)` said otherwise)."
+        if self._queue_order is not None and self.settings.queues == self._queue_order.names: return self._queue_order
+        return QueueOrder(self.queues)
+
     def all_queues(self) -> tuple[str, ...]:
         "The served queues and every registered task's queue (eager mode and `testing.drain` run them all)."
         return tuple(sorted({t.options.queue for t in self.registry.values()} | set(self.queues)))
@@ -168,6 +219,7 @@ class Tasks:
         self.hooks.before_enqueue(new, task)
         job = Job(self, new)
         if not web.hold(job): self.store_jobs([job])
+        else: self._live_by_key([job])
         return job
 
     def enqueue_many(self, news: Sequence[NewJob], task: Task[Any, Any]) -> list[Job]:
@@ -178,6 +230,37 @@ class Tasks:
             if new.parent is not None: self.engine.capabilities.require("chains", self.engine.name, "chain jobs")
             self.hooks.before_enqueue(new, task)
         jobs = [Job(self, new) for new in news]
+        if jobs and web.hold(jobs[0]):
+            for j in jobs[1:]: web.hold(j)
+            self._live_by_key(jobs)
+        else: self.store_jobs(jobs)
+        return jobs
+
+    def _live_by_key(self, jobs: Sequence[Job]) -> None:
+        """Jobs held for a request's commit whose key a live job holds now become that job: nothing is stored for
+        them, and their handle (its `id`) is the live job's from the start. Should a job with the same key be stored
+        between now and the commit (a race), the commit does not store this one either and points it at that job
+        (`_stored`): the request never fails for it."""
+        keys = {j.new.key for j in jobs if j.new.key is not None}
+        if not keys: return
+        engine = cast(_UniqueEngine, self.engine)  # `with_options(key=)` required capability `unique`
+        live = {k: id for k in keys if (id := engine.live_job(k)) is not None}
+        for j in jobs:
+            if j.new.key in live: j.id = j.new.id = live[j.new.key]; j.stored = True
+
+    def enqueue_each(self, items: Sequence[tuple[NewJob, Task[Any, Any]]]) -> list[Job]:
+        """Store jobs of several tasks together (a workflow's: `fh_tasks.chain`, `fh_tasks.group`), all or none: in the
+        current request's batch (stored when its response starts), else at once in one transaction. Hooks'
+        `before_enqueue` runs for each job; one refused refuses them all (none stored)."""
+        caps, engine, owner = self.engine.capabilities, self.engine.name, web.owner()
+        for new, task in items:
+            if new.run_at > new.created_at: caps.require("delay", engine, "delay a job")
+            if new.parent is not None: caps.require("chains", engine, "chain jobs")
+            if new.takes is not None or new.group is not None:
+                caps.require("workflows", engine, "pass results from job to job (fh_tasks.chain, fh_tasks.group)")
+            if new.owner is None: new.owner = owner
+            self.hooks.before_enqueue(new, task)
+        jobs = [Job(self, new) for new, _ in items]
         if jobs and web.hold(jobs[0]):
             for j in jobs[1:]: web.hold(j)
         else: self.store_jobs(jobs)
@@ -191,19 +274,28 @@ class Tasks:
         "Store these jobs now (those not stored yet), in one transaction."
         rows = [j.new for j in jobs if not j.stored and not j.dropped]
         if not rows: return
+        ids = [r.id for r in rows]
         self.engine.submit(rows)
-        self._stored(jobs, rows)
+        self._stored(jobs, rows, ids)
 
     async def store_request(self, jobs: Sequence[Job]) -> None:
         "Store the jobs a request deferred, all or none, before its response starts (the web binding calls this)."
         rows = [j.new for j in jobs if not j.stored and not j.dropped]
         if not rows: return
+        ids = [r.id for r in rows]
         await self.engine.submit_request(rows)
-        self._stored(jobs, rows)
+        self._stored(jobs, rows, ids)
 
-    def _stored(self, jobs: Sequence[Job], rows: list[NewJob]) -> None:
-        for j in jobs: j.stored = True
-        self.hooks.emit("after_enqueue", rows)
+    def _stored(self, jobs: Sequence[Job], rows: list[NewJob], ids: list[str]) -> None:
+        """`rows` were committed; a row whose id changed was not stored: a live job held its key (`with_options(key=)`),
+        and its handle becomes that job."""
+        for j in jobs:
+            j.stored = True
+            if j.id != j.new.id:
+                log.info("job %s (%s) not stored: job %s holds its key", j.id, j.task, j.new.id,
+                         extra={"action": "unique", "job_id": j.new.id, "task": j.task})
+                j.id = j.new.id
+        self.hooks.emit("after_enqueue", [r for r, id in zip(rows, ids, strict=True) if r.id == id])
 
     # -- reading and managing jobs ---------------------------------------------------------------
     def get(self, id: str) -> JobRecord | None:
@@ -297,6 +389,8 @@ class Tasks:
     # -- workers ---------------------------------------------------------------------------------
     def worker(self, **options: Any) -> Any:
         "A worker for this hub (`fh-tasks worker` runs one), with the hub's settings unless overridden."
+        if isinstance(q := options.get("queues"), QueueOrder) and q.mode != "merged":
+            self.engine.capabilities.require("queue_order", self.engine.name, f"take queues by {q.mode} order")
         return self.engine.worker(**options)
 
     async def start(self) -> None:

@@ -3,7 +3,9 @@ passes around). Nothing here imports Starlette, so engines, workers and tools ca
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import random
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
@@ -11,7 +13,7 @@ from typing import Any, Literal
 from .encoding import decode_args, decode_value
 from .errors import JobCancelled, JobFailed
 
-__all__ = ["JobState", "JobRecord", "NewJob", "Claim", "Outcome", "WorkerInfo"]
+__all__ = ["JobState", "JobRecord", "NewJob", "Claim", "Outcome", "WorkerInfo", "QueueOrder"]
 
 
 class JobState(str, Enum):
@@ -220,3 +222,80 @@ class Outcome:
     error: str | None = None
     run_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueueOrder:
+    """The queues a worker serves and the order it takes them in (`Tasks(queues=...)`, `fh-tasks worker --queues`).
+
+    - merged (the default): `["high", "default"]` or `"high,default"`: every claim takes the due jobs of all the
+      queues together, in due order (run_at - priority * 60).
+    - strict: the same with `strict=True` (`--strict-queues`): a queue's due jobs go before any of the next queue's.
+    - weighted: `{"high": 3, "default": 1}` or `"high=3,default=1"`: each claim orders the queues by a weighted
+      random draw (high comes first 3 times in 4), then takes them one after the other, as strict does.
+
+    >>> QueueOrder.of("high=3,default=1").weights
+    (3.0, 1.0)
+    """
+    names: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    strict: bool = False
+
+    @classmethod
+    def of(cls, queues: QueueOrder | str | Mapping[str, Any] | Sequence[str], *, strict: bool = False) -> QueueOrder:
+        "Read queues as given to `Tasks(queues=...)`; a `ValueError` says what is wrong."
+        if isinstance(queues, QueueOrder): return queues.ordered() if strict else queues
+        if isinstance(queues, str): queues = _queue_text(queues)
+        if isinstance(queues, Mapping):
+            names, ws = tuple(queues), tuple(queues.values())
+            for n, w in zip(names, ws, strict=True):
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w < math.inf):
+                    raise ValueError(f"queue {n!r}: its weight must be a number > 0, not {w!r}")
+            if strict: raise ValueError("queues with weights are taken by weight: strict=True does not apply to them")
+            order = cls(names, tuple(float(w) for w in ws))
+        elif isinstance(queues, Sequence):
+            order = cls(tuple(queues), None, strict)
+        else: raise ValueError(f"queues must be a list of names, a dict of weights or a string, not {queues!r}")
+        if not order.names: raise ValueError("queues names no queue")
+        for n in order.names:
+            if not isinstance(n, str) or not n: raise ValueError(f"{n!r} is not a queue name (a non-empty string)")
+        if len(set(order.names)) < len(order.names): raise ValueError(f"queues {list(order.names)} name a queue twice")
+        return order
+
+    def ordered(self) -> QueueOrder:
+        "The same queues, taken in strict order."
+        if self.weights is not None: raise ValueError("queues with weights are taken by weight, not in strict order")
+        return QueueOrder(self.names, None, True)
+
+    @property
+    def mode(self) -> Literal["merged", "strict", "weighted"]:
+        return "weighted" if self.weights is not None else "strict" if self.strict else "merged"
+
+    def draw(self, rng: random.Random) -> tuple[tuple[str, ...], bool]:
+        """The queues for one claim, and whether to take them one after the other (strict and weighted). Weighted:
+        the first queue is drawn with chances in proportion to the weights, then the next among the rest, and so on."""
+        if self.weights is None: return self.names, self.strict
+        left, out = list(zip(self.names, self.weights, strict=True)), []
+        while left:
+            x, i = rng.random() * sum(w for _, w in left), 0
+            while i < len(left) - 1 and x >= left[i][1]: x -= left[i][1]; i += 1
+            out.append(left.pop(i)[0])
+        return tuple(out), True
+
+    def __str__(self) -> str:
+        "As `fh-tasks worker --queues` takes it: `high,default` or `high=3,default=1`."
+        if self.weights is None: return ",".join(self.names)
+        return ",".join(f"{n}={w:g}" for n, w in zip(self.names, self.weights, strict=True))
+
+
+def _queue_text(text: str) -> list[str] | dict[str, Any]:
+    "`high,default` as a list of names, `high=3,default=1` as a dict of weights (checked by `QueueOrder.of`)."
+    parts = [q.strip() for q in text.split(",") if q.strip()]
+    if not parts: raise ValueError(f"queues {text!r} names no queue (give a comma-separated list)")
+    if not any("=" in q for q in parts): return parts
+    if not all("=" in q for q in parts):
+        raise ValueError(f"queues {text!r}: give every queue a weight (like high=3,default=1), or none")
+    pairs = [tuple(x.strip() for x in q.split("=", 1)) for q in parts]
+    weights = {n: float(w) if re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})?", w) else w for n, w in pairs}
+    if len(weights) < len(pairs): raise ValueError(f"queues {text!r} names a queue twice")
+    return weights

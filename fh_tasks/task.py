@@ -7,14 +7,17 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .encoding import encode_args
 from .job import Job
+from .limits import check_limit_key
 from .records import NewJob
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from .flow import Signature
     from .hub import Tasks
 
 __all__ = ["Task", "TaskOptions", "Call", "registered", "task_name", "new_id"]
@@ -58,6 +61,15 @@ class TaskOptions:
     timeout: float | None = None
     delay: float = 0.0
     process: bool = False
+    #: higher runs first within its queue, from -100 to 100 (docs/flow.md: a job ages by a minute per point)
+    priority: int = 0
+    #: one call only: run at this time (a timezone-aware datetime), instead of after `delay`
+    at: datetime | None = None
+    #: one call only: uniqueness key; while a job with this key is live, `defer()` returns that job
+    key: str | None = None
+    #: one call only: the key the task's concurrency and rate limits count against (default: `limit_by`'s, or the
+    #: task's name; see fh_tasks/limits.py)
+    limit_key: str | None = None
     #: options declared by the hub's hooks (`Hook.options`), already converted
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -72,6 +84,17 @@ class TaskOptions:
             raise ValueError(f"delay must be >= 0 seconds, not {self.delay!r}")
         if not (_number(self.retry_delay) and self.retry_delay >= 0):
             raise ValueError(f"retry_delay must be >= 0 seconds, not {self.retry_delay!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -100 <= self.priority <= 100:
+            raise ValueError(f"priority must be an int from -100 to 100, not {self.priority!r}")
+        if self.at is not None:
+            if not isinstance(self.at, datetime):
+                raise ValueError(f"at must be a timezone-aware datetime, not {self.at!r}")
+            if self.at.tzinfo is None or self.at.utcoffset() is None:
+                raise ValueError(f"at must be a timezone-aware datetime, not the naive {self.at.isoformat()} (give "
+                                 "its zone: datetime(..., tzinfo=ZoneInfo('Europe/Paris')), or datetime.now(UTC) + …)")
+            if self.delay: raise ValueError("give at= or delay=, not both")
+        if self.key is not None and (not isinstance(self.key, str) or not 1 <= len(self.key) <= 200):
+            raise ValueError(f"key must be a non-empty string of at most 200 characters, not {self.key!r:.60}")
 
 
 class Call:
@@ -159,23 +182,53 @@ class Task(Generic[P, R]):
         return self.options.extra.get(name, default)
 
     def with_options(self, **options: Any) -> Deferrer[P]:
-        "Options for one call: `task.with_options(delay=60, retries=5).defer(...)`."
+        """Options for one call: `task.with_options(delay=60, retries=5).defer(...)`.
+
+        Besides the task's options: `at=` a timezone-aware datetime to run at (not with `delay`), `priority=` from
+        -100 to 100 (higher first), `key=` a uniqueness key (while a job with that key is live, `defer()` returns it):
+
+            send_digest.with_options(at=datetime(2030, 1, 1, 8, tzinfo=ZoneInfo("Europe/Paris"))).defer(user.id)
+            rebuild_index.with_options(key=f"index:{site.id}", priority=10).defer(site.id)
+
+        `limit_key=` is the key a task with limits counts this call against (`sync.with_options(limit_key="c:42")`).
+        A wrong value raises a `ValueError` naming the task and the option; an option the engine cannot honour
+        raises `Unsupported` (`at`: capability `schedule_at`, `priority`: `priorities`, `key`: `unique`)."""
         allowed = {f.name for f in fields(TaskOptions)} - {"extra", "process"}
         if (bad := sorted(set(options) - allowed)):
             raise TypeError(f"{self.name}: unknown option(s) {', '.join(bad)} for one call; "
                             f"with_options takes {', '.join(sorted(allowed))}")
-        return Deferrer(self, replace(self.options, **options))
+        if "at" in options and options["at"] is not None and options.get("delay"):
+            raise ValueError(f"give at= or delay=, not both (task {self.name}, with_options)")
+        if options.get("at") is not None: options.setdefault("delay", 0.0)
+        try: opts = replace(self.options, **options)
+        except ValueError as e: raise ValueError(f"{e} (task {self.name}, with_options)") from None
+        caps, engine = self.hub.engine.capabilities, self.hub.engine.name
+        if opts.at is not None: caps.require("schedule_at", engine, f"run {self.name} at a given time (at=)")
+        if opts.priority: caps.require("priorities", engine, f"give {self.name} a priority")
+        if opts.key is not None: caps.require("unique", engine, f"keep {self.name}'s jobs unique by key (key=)")
+        if opts.limit_key is not None: check_limit_key(self, opts.limit_key)
+        return Deferrer(self, opts)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A call of this task to run as a step of a workflow (`fh_tasks.chain`, `fh_tasks.group`): `fetch.s(url)`.
+        A step after another gets that step's result (a group's: the list of results) as its first argument."""
+        from .flow import Signature
+        return Signature(self, args, kwargs, self.options)
 
     def new_job(self, args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions,
-                parent: str | None = None) -> NewJob:
-        "Validate a call and build the row to store."
-        try: self.signature.bind(*args, **kwargs)
+                parent: str | None = None, takes: str | None = None) -> NewJob:
+        """Validate a call and build the row to store. `takes` ("parent", "group"): the job gets a result first, at
+        run time, so the call is checked with a stand-in for it."""
+        first = (None,) if takes else ()
+        try: self.signature.bind(*first, *args, **kwargs)
         except TypeError as e: raise TypeError(f"{self.name}: {e}") from None
-        text = encode_args(self.name, args, kwargs, self.hub.max_payload, self._names)
+        text = encode_args(self.name, args, kwargs, self.hub.max_payload, self._names[len(first):])
         now = self.hub.clock()
         return NewJob(id=new_id(), task=self.name, args=text, queue=opts.queue,
-                      max_attempts=opts.retries + 1, timeout=opts.timeout, run_at=now + opts.delay,
-                      created_at=now, parent=parent)
+                      max_attempts=opts.retries + 1, timeout=opts.timeout,
+                      run_at=now + opts.delay if opts.at is None else opts.at.timestamp(),
+                      created_at=now, parent=parent, takes=takes, priority=opts.priority, key=opts.key,
+                      limit_key=opts.limit_key)
 
 
 class Deferrer(Generic[P]):
@@ -191,3 +244,8 @@ class Deferrer(Generic[P]):
     def defer_many(self, calls: Iterable[CallItem]) -> list[Job]:
         "Queue many calls with these options, in one transaction; see `Task.defer_many`."
         return _defer_many(self.task, calls, self.options)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        "A workflow step with these options; see `Task.s`."
+        from .flow import Signature
+        return Signature(self.task, args, kwargs, self.options)

@@ -11,9 +11,11 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +24,11 @@ from .encoding import decode_args, encode_value, is_utf8, sql_value, storable_te
 from .encoding import error_record as _err
 from .encoding import exception_text as _text
 from .encoding import exception_trace as _trace
-from .errors import ArgumentError, PayloadTooLarge, QueueBusy, QueueUnavailable, TaskTimeout
+from .errors import ArgumentError, JobCancelled, PayloadTooLarge, QueueBusy, QueueUnavailable, TaskTimeout
 from .executors import DaemonThreadPool, ProcessPool, call_in_thread, process_pool, thread_pool
+from .limits import worker_spec
 from .progress import FLUSH_EVERY
-from .records import Claim, Outcome, WorkerInfo
+from .records import Claim, Outcome, QueueOrder, WorkerInfo
 
 if TYPE_CHECKING:
     from .engines.sqlite import SQLiteEngine
@@ -66,16 +69,19 @@ class Worker:
     Args:
         engine: the `SQLiteEngine` whose store it serves and whose hub's registry names the runnable tasks.
         concurrency: jobs running at once (and threads for sync tasks).
-        queues: queue names served.
+        queues: queues served: names (taken together in due order), or a `QueueOrder` (strict or weighted).
         burst: stop once nothing is due (for tests and scripts).
     """
 
-    def __init__(self, engine: SQLiteEngine, *, concurrency: int = 8, queues: tuple[str, ...] = ("default",),
+    def __init__(self, engine: SQLiteEngine, *, concurrency: int = 8,
+                 queues: QueueOrder | Sequence[str] | str = ("default",),
                  lease: float = 30.0, poll_interval: float = 0.1, grace: float = 10.0, burst: bool = False,
                  eager: bool = False, name: str | None = None) -> None:
         if concurrency < 1: raise ValueError(f"concurrency must be >= 1, not {concurrency}")
         self.engine, self.store, self.hooks = engine, engine.store, engine.hooks
-        self.concurrency, self.queues, self.lease = concurrency, tuple(queues), lease
+        self.queue_order = QueueOrder.of(queues)
+        self.concurrency, self.queues, self.lease = concurrency, self.queue_order.names, lease
+        self.rng = random.Random()  # draws the order of weighted queues for each claim (seed it for a fixed order)
         self.poll_interval, self.grace, self.burst, self.eager = poll_interval, grace, burst, eager
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.log = log.getChild(self.id.replace(".", "_"))
@@ -98,6 +104,7 @@ class Worker:
         self._suspect: Claim | None = None  # the suspect job this worker runs alone
         self._held = False         # busy while a suspect job waits: it claims nothing (and takes no handoff) to drain
         self._tasks = (-1, "[]")   # (registry size, JSON list of the names of the tasks this worker can run)
+        self._limits: tuple[int, dict[str, tuple[int | None, float | None]]] = (-1, {})  # see `limit_spec`
 
     # -- control ---------------------------------------------------------------------------------
     @property
@@ -178,7 +185,7 @@ class Worker:
             self._wake.clear()
             asked, got = self._round()
             if got and got == asked: await asyncio.sleep(0); continue
-            if self.burst and not got and not self.running and not self._outcomes: return
+            if self.burst and not got and not self.running and not self._outcomes and not self._rate_waits(): return
             # Sleep until woken (in-process enqueue, a finished job) or, for other processes' commits, poll.
             while not self._wake.is_set() and not self._stopping:
                 try:
@@ -197,8 +204,10 @@ class Worker:
         alone = asked > 0 and _process_idle()
         try:
             outcomes = [o for _, o in batch]
-            accepted, claims = self.store.finish_and_claim(outcomes, self.id, self.queues, asked, self.lease,
-                                                           tasks=self.task_names(), alone=alone)
+            queues, ordered = self.queue_order.draw(self.rng)
+            accepted, claims = self.store.finish_and_claim(outcomes, self.id, queues, asked, self.lease,
+                                                           tasks=self.task_names(), alone=alone, ordered=ordered,
+                                                           limits=self.limit_spec() or None)
         except Exception as e:
             if batch and not isinstance(e, (QueueBusy, QueueUnavailable)):
                 # Not a busy store: an outcome that cannot be written must not hold back the others.
@@ -225,6 +234,24 @@ class Worker:
     def _waits(self) -> bool:
         "Claims nothing until a job ends: a suspect job runs in this process, or this worker drains for one."
         return self._held or _suspect_running()
+
+    def limit_spec(self) -> dict[str, tuple[int | None, float | None]]:
+        "The limits of the tasks this worker runs ({name: (concurrency, interval)}): the claim enforces them."
+        reg = self.engine.registry
+        if self._limits[0] != len(reg): self._limits = (len(reg), worker_spec(reg))
+        return self._limits[1]
+
+    def _next_due(self) -> float | None:
+        "When a job is next due here: a job without limits, or one whose key has room (`SQLiteStore.limited_next`)."
+        t = self.store.next_due(self.queues, self.task_names())
+        if not (spec := self.limit_spec()): return t
+        u = self.store.limited_next(self.queues, spec)
+        return u if t is None else t if u is None else min(t, u)
+
+    def _rate_waits(self) -> bool:
+        "A due job waits for its key's rate window to open (a burst worker waits for it rather than stop)."
+        return bool(self.limit_spec()) and self.store.limited_next(self.queues, self.limit_spec(), now_only=True) \
+            is not None
 
     def task_names(self) -> str:
         "The names of the tasks this worker can run, as a JSON list: it claims only their jobs."
@@ -286,12 +313,12 @@ class Worker:
         # that runs a suspect job alone or drains for one.
         if self.poll_interval <= 0.05 or len(self.running) >= self.concurrency or self._waits():
             return self.poll_interval
-        t = self.store.next_due(self.queues, self.task_names())
+        t = self._next_due()
         return self.poll_interval if t is None else min(self.poll_interval, max(0.001, t - self.store.clock()))
 
     def _due_soon(self) -> bool:
         if self._waits(): return False
-        t = self.store.next_due(self.queues, self.task_names())
+        t = self._next_due()
         return t is not None and t <= self.store.clock()
 
     async def _heartbeats(self) -> None:
@@ -321,7 +348,8 @@ class Worker:
     async def _cancel_checks(self) -> None:
         """Cancelling running jobs (`tasks.cancel(id, running=True)`): every `CANCEL_CHECK_EVERY` seconds, from a
         thread, ask the store which running attempts were cancelled; an async or process job is stopped, a sync one
-        sees `current_job().cancelled` (and `progress()` raises `JobCancelled`). Its outcome is refused by fencing."""
+        sees `current_job().cancelled` (and `progress()` raises `JobCancelled`); no outcome is recorded (`_cancelled`).
+        """
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(CANCEL_CHECK_EVERY)
@@ -331,9 +359,22 @@ class Worker:
                 self.log.warning("could not check for cancelled jobs; will retry", exc_info=True)
                 continue
             for key in found:
-                run = self.running.get(key)
-                if run is None or run.future is None or run.task is None: continue
-                if run.task.is_async or run.task.options.process: run.future.cancel()
+                if (run := self.running.get(key)) is not None and not run.settled: self._cancelled(run)
+
+    def _cancelled(self, run: _Run) -> None:
+        """A running job was found cancelled. The store holds it cancelled already (the rest of its workflow too), so
+        no outcome is recorded: an async job is cancelled and a process job's pool child killed (and replaced) now; a
+        sync one runs until it sees the flag (`current_job().cancelled`, or `progress()` raises). Its slot frees as it
+        ends."""
+        run.settled = True
+        c = run.claim
+        self.log.info("job %s (%s) cancelled while running", c.id, c.task,
+                      extra={"action": "cancel", "job_id": c.id, "task": c.task})
+        if run.timer: run.timer.cancel()
+        if run.future is not None and run.task is not None and (run.task.is_async or run.task.options.process):
+            run.future.cancel()
+        if run.ctx is not None and run.task is not None:
+            self.hooks.emit("after_run", run.ctx, run.task, None, JobCancelled(f"job {c.id} ({c.task}) was cancelled"))
 
     async def _checkpoints(self) -> None:
         "Checkpoint the WAL from a thread, off the commit path, so it stays small and commits stay cheap."

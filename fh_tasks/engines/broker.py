@@ -10,9 +10,10 @@ status store (`status.py`, Redis) and, for requests, the outbox (`outbox.py`, th
 - A worker that receives a message calls `run_job(id, task, args, kwargs)`: the status store's `start` admits one
   copy as the next attempt (or drops it), the task runs with `current_job()` set, and the outcome is written,
   fenced by attempt: succeeded (chained jobs released and published), retrying (decided by the hub's hooks:
-  `hooks.decide`), or failed. With `overlap=True` a success is sent without waiting for its answer (read with the
-  next job's `start`). Progress is buffered and written by a thread of the process, which also renews the leases
-  of the attempts running there (`_Keeper`).
+  `hooks.decide`), or failed. With `overlap=True` a success goes out with the next job's `start`, in the same
+  write, and its answer is read with that one's (no job next: the keeper writes it within `HOLD_AT_MOST`, 20 ms,
+  while the process is busy, within `FLUSH_EVERY` after a second of no job). Progress is buffered and written by
+  a thread of the process, which also renews the leases of the attempts running there (`_Keeper`).
 - A `Pump` thread in each worker process publishes what the status store says is due: delayed jobs and retries
   whose time came, jobs whose worker died (their lease ran out), queued jobs past their redelivery deadline. So
   delays and retry backoffs never sit in the broker (no visibility-timeout duplicates, no consumer timeouts),
@@ -40,20 +41,20 @@ from ..context import JobContext, _current
 from ..encoding import decode_args, encode_value, error_record, storable_text
 from ..encoding import exception_text as _text
 from ..encoding import exception_trace as _trace
-from ..engine import Capabilities, EngineSettings, EngineWorker
+from ..engine import RUN_TIME_BUCKETS, Capabilities, EngineSettings, EngineWorker, Overview
 from ..errors import ArgumentError, JobCancelled, PayloadTooLarge, QueueUnavailable, TaskTimeout
 from ..events import EventBus
 from ..progress import FLUSH_EVERY
-from ..records import JobRecord, NewJob
+from ..records import JobRecord, NewJob, WorkerInfo
 from .outbox import Outbox
-from .status import REDELIVER_AFTER, Due, StatusStore, worker_name
+from .status import HEARTBEAT_EVERY, REDELIVER_AFTER, Due, StatusStore, worker_name
 
 if TYPE_CHECKING:
     from ..hooks import Hooks
     from ..hub import Tasks
     from ..task import Task
 
-__all__ = ["BrokerEngine", "Message", "Pump", "DEFAULT_REDIS"]
+__all__ = ["BrokerEngine", "Message", "Pump", "Heartbeat", "DEFAULT_REDIS"]
 
 log = logging.getLogger("fh_tasks.engines")
 
@@ -67,6 +68,8 @@ TICK_EVERY = 5.0
 CANCEL_CHECK_EVERY = 0.5
 #: How long a worker waits for the record of a job whose message came first (about 1.5 s in all), then drops it.
 MISSING_WAITS = (0.005, 0.02, 0.05, 0.1, 0.3, 1.0)
+#: While a worker process runs jobs, a success held back for its thread's next `start` is written within this long.
+HOLD_AT_MOST = 0.02
 
 
 class Message(Protocol):
@@ -96,7 +99,9 @@ class BrokerEngine(ABC):
 
     name = ""
     capabilities = Capabilities(listing=True, progress=True, events=True, cancel_queued=True, cancel_running=True,
-                                retry=True, delay=True, chains=True, async_tasks=True, burst=True)
+                                retry=True, delay=True, chains=True, async_tasks=True, burst=True,
+                                schedule_at=True, stats=True,
+                                admin=True)
     #: The broker used when `Tasks(broker=...)` is not given.
     default_broker = DEFAULT_REDIS
 
@@ -115,8 +120,8 @@ class BrokerEngine(ABC):
         self._registered: set[str] = set()
         self._keeper = _Keeper(self)
         self._warned_workers = False
-        #: Successes sent with `run_job(overlap=True)` whose answers are not read yet (see `settle`).
-        self._answers: list[tuple[JobContext, Callable[[], tuple[bool, list[Due]]], Callable[..., None]]] = []
+        #: Successes sent with `run_job(overlap=True)` whose answers are not read yet (see `settle`), by thread.
+        self._answers: list[tuple[JobContext, Callable[[], tuple[bool, list[Due]]], Callable[..., None], int]] = []
         self._answers_lock = threading.Lock()
         self._async_runs: dict[tuple[str, int], tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
 
@@ -294,26 +299,68 @@ class BrokerEngine(ABC):
         "Forget job events older than an hour (the `Retention` hook calls this)."
         return self.status.prune_events()
 
+    # -- the jobs dashboard (capabilities `stats` and `admin`): the status store's indexes and figures ------------
+    def page(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
+             since: float | None = None, before: str | None = None,
+             limit: int = 50) -> tuple[list[JobRecord], str | None]:
+        return self.status.page(state=state, task=task, queue=queue, since=since, before=before, limit=limit)
+
+    def overview(self, window: float = 3600.0) -> Overview:
+        hub = self._hub
+        return self.status.overview(window, hub.registry if hub else (), hub.all_queues() if hub else (),
+                                    RUN_TIME_BUCKETS)
+
+    def attempts(self, id: str) -> list[dict[str, Any]]:
+        return self.status.attempts(id)
+
+    def delete(self, id: str) -> bool:
+        return self.status.delete(id)
+
+    def retry_failed(self, task: str) -> int:
+        self.sync_tasks()
+        due = self.status.requeue_failed(task)
+        self.publish_or_later(due)
+        return len(due)
+
+    def pause(self, queue: str) -> None:
+        """Workers start no job of `queue` from now on (each process sees it within `status.PAUSED_TTL`): a job
+        delivered meanwhile is held in the status store, its message dropped, until `resume`. Running jobs finish."""
+        self.status.pause(queue)
+
+    def resume(self, queue: str) -> None:
+        "Workers start jobs of `queue` again; the jobs held meanwhile are published by a pump."
+        self.status.resume(queue)
+
+    def worker_info(self, id: str, queues: Sequence[str], concurrency: int, started_at: float) -> WorkerInfo:
+        "How a worker process of this engine describes itself in its heartbeats."
+        import socket
+        return WorkerInfo(id=id, host=socket.gethostname(), pid=os.getpid(), queues=tuple(sorted(queues)),
+                          tasks=tuple(sorted(self.hub.registry)), concurrency=concurrency, lease=self.lease,
+                          started_at=started_at, last_seen=started_at)
+
     # -- running jobs (in a worker's process) ----------------------------------------------------------------------
     def run_job(self, id: str, name: str, args: list[Any], kwargs: dict[str, Any], *, eager: bool = False,
                 then: Callable[[Sequence[Message]], None] | None = None, overlap: bool = False) -> str:
         """Run a delivered job as its next attempt and record the outcome; returns what happened: "succeeded",
         "retrying", "failed", "cancelled" (while it ran); "lost" (not run: it failed for good, its workers kept
-        dying); "dropped" (not run: a copy
+        dying); "held" (not run: its queue is paused); "dropped" (not run: a copy
         of a job that runs elsewhere, has ended, was cancelled, is not due yet or has no record).
         `eager`: retries without backoff. `then` publishes the jobs that follow (default: `publish_or_later`).
-        `overlap`: return before the status store confirms a success (the worker takes its next job meanwhile; the
-        answer is read before the next job starts, or within `FLUSH_EVERY` by the process's keeper thread)."""
+        `overlap`: return before the status store has a success (the worker takes its next job meanwhile): it goes
+        out with this thread's next `start` and is answered before it, or the process's keeper thread writes it
+        (within `HOLD_AT_MOST` while jobs run) and reads its answer."""
         then = then or self.publish_or_later
         task = self.hub.registry.get(name)
         if task is None:  # the library knows it, so the hub did: a task registered under another name meanwhile
             log.error("job %s: no task %r is registered with this hub; the message is dropped", id, name)
             return "unknown"
+        if self._held(id, name): return "held"
         st = self.status.start(id, worker_name(), self.lease)
-        self.settle()  # the answers to earlier successes came back before this one (one connection, in order)
+        self.settle(mine=True)  # this thread's earlier successes went with this `start`, answered before it
         for wait in MISSING_WAITS:  # its record may still be on its way (`status.insert_soon`)
             if st.why != "missing": break
             time.sleep(wait)
+            if self._held(id, name): return "held"
             st = self.status.start(id, worker_name(), self.lease)
         if not st.run:
             if st.lost: log.warning("job %s (%s) failed (WorkerLost): its workers kept dying under it", id, name)
@@ -338,11 +385,23 @@ class BrokerEngine(ABC):
         finally: self.hooks.emit("after_run", ctx, task, result, error)
         return outcome
 
-    def settle(self) -> None:
-        "Read the status store's answers to the successes sent with `overlap` (publishing the jobs they released)."
+    def _held(self, id: str, name: str) -> bool:
+        "While a queue is paused: True when job `id` is of a paused queue (it then waits in the status store)."
+        if not self.status.paused() or not self.status.hold(id): return False
+        log.debug("job %s (%s) waits: its queue is paused", id, name)
+        return True
+
+    def settle(self, mine: bool = False) -> None:
+        """Read the status store's answers to the successes sent with `overlap` (publishing the jobs they released);
+        `mine`: only those of the calling thread (another thread's may still wait for its next `start`)."""
         if not self._answers: return
-        with self._answers_lock: answers, self._answers = self._answers, []
-        for ctx, read, then in answers:
+        me = threading.get_ident()
+        with self._answers_lock:
+            if mine:
+                answers = [a for a in self._answers if a[3] == me]
+                self._answers = [a for a in self._answers if a[3] != me]
+            else: answers, self._answers = self._answers, []
+        for ctx, read, then, _ in answers:
             try: self._succeeded(ctx, read, then)
             except QueueUnavailable as e:
                 log.warning("job %s (%s): its success may not be recorded (%s); it runs again if not", ctx.id,
@@ -366,9 +425,10 @@ class BrokerEngine(ABC):
                 _log_failure(ctx, "ResultError", msg)
                 self.status.fail(ctx.id, ctx.attempt, _err("ResultError", msg))
                 return "failed"
-            read = self.status.succeed_soon(ctx.id, ctx.attempt, text)
+            # overlap: the success goes with this thread's next `start` (one write), or with the keeper's next flush
+            read = self.status.succeed_soon(ctx.id, ctx.attempt, text, defer=overlap)
             if overlap:
-                with self._answers_lock: self._answers.append((ctx, read, then))
+                with self._answers_lock: self._answers.append((ctx, read, then, threading.get_ident()))
             else: self._succeeded(ctx, read, then)
             return "succeeded"
         return self.attempt_failed(ctx, task, error, eager=eager, then=then)
@@ -488,9 +548,53 @@ class Pump:
         self.engine.hooks.emit("on_worker_stop", self)
 
 
+class Heartbeat:
+    """A thread of a worker process: every `HEARTBEAT_EVERY` seconds it writes what `describe()` returns (the worker,
+    and the processes that run its jobs) to the status store, where the dashboard lists workers; every minute it trims
+    the dashboard's figures. `stop()` takes the worker off the list at once."""
+
+    TRIM_EVERY = 60.0
+
+    def __init__(self, engine: BrokerEngine, describe: Callable[[], tuple[WorkerInfo, Sequence[int]]]) -> None:
+        self.engine, self.describe = engine, describe
+        self.id = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None: return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="fh-tasks-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        trim_at = 0.0
+        while True:
+            try:
+                info, pids = self.describe()
+                self.id = info.id
+                self.engine.status.heartbeat(info, pids)
+                if time.monotonic() >= trim_at:
+                    trim_at = time.monotonic() + self.TRIM_EVERY
+                    self.engine.status.trim_stats()
+            except Exception as e:
+                log.debug("heartbeat failed (%s); trying again", e)
+            if self._stop.wait(HEARTBEAT_EVERY): return
+
+    def stop(self) -> None:
+        th, self._thread = self._thread, None
+        if th is None: return
+        self._stop.set()
+        if th is not threading.current_thread(): th.join(5)
+        if self.id:
+            try: self.engine.status.forget_worker(self.id)
+            except Exception: pass
+
+
 class _Keeper:
     """A thread per process: writes buffered progress every `FLUSH_EVERY` seconds and renews the leases of the
-    attempts running in the process every third of a lease."""
+    attempts running in the process every third of a lease. While jobs run, it writes the successes held back for
+    their thread's next `start` within `HOLD_AT_MOST` seconds (within `FLUSH_EVERY` after a second of no job)."""
 
     def __init__(self, engine: BrokerEngine) -> None:
         self.engine = engine
@@ -498,6 +602,7 @@ class _Keeper:
         self._lock = threading.Lock()
         self._pid = 0
         self._stop = threading.Event()
+        self._busy_until = 0.0
 
     def add(self, id: str, attempt: int) -> None:
         with self._lock:
@@ -509,11 +614,15 @@ class _Keeper:
 
     def remove(self, id: str, attempt: int) -> None:
         with self._lock: self._running.pop((id, attempt), None)
+        self._busy_until = time.monotonic() + 1.0
 
     def _run(self, stop: threading.Event) -> None:
-        status, renew_at, check_at = self.engine.status, 0.0, 0.0
-        while not stop.wait(FLUSH_EVERY):
+        status, renew_at, check_at, tick_at = self.engine.status, 0.0, 0.0, 0.0
+        while not stop.wait(HOLD_AT_MOST if time.monotonic() < self._busy_until else FLUSH_EVERY):
             try:
+                status.flush_held()
+                if time.monotonic() < tick_at: continue
+                tick_at = time.monotonic() + FLUSH_EVERY - HOLD_AT_MOST
                 self.engine.settle()
                 if status.progress_pending(): status.flush_progress()
                 if self._running and time.monotonic() >= check_at:  # jobs cancelled while they run

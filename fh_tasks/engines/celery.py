@@ -42,7 +42,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from ..encoding import decode_args
 from ..engine import EngineSettings
 from ..errors import JobFailed, QueueUnavailable
-from .broker import BrokerEngine, Message, Pump
+from .broker import BrokerEngine, Heartbeat, Message, Pump
 from .status import _safe
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class CeleryEngine(BrokerEngine):
             raise ValueError(f"the celery engine needs a redis:// or amqp:// broker, not {_safe(self.broker_url)!r}")
         self.celery = self._make_app()
         self.pump: Pump | None = None
+        self.heartbeat: Heartbeat | None = None
         self._receivers = [(signals.worker_init, self._on_worker_init), (signals.worker_ready, self._on_worker_ready),
                            (signals.worker_shutdown, self._on_worker_shutdown), (signals.task_failure, self._on_lost),
                            (signals.worker_process_shutdown, self._on_child_exit)]
@@ -165,9 +166,30 @@ class CeleryEngine(BrokerEngine):
         if self.pump is None:
             self.pump = Pump(self, self.settings.poll_interval)
             self.pump.start()
+        if self.heartbeat is None:
+            started = time.time()
+            self.heartbeat = Heartbeat(self, lambda: self._describe(sender, started))
+            self.heartbeat.start()
+
+    def _describe(self, consumer: Any, started: float) -> tuple[Any, list[int]]:
+        """This worker for the dashboard (its heartbeat): Celery's node name, the fh-tasks queues it consumes, its pool
+        size, and the processes that run its jobs (the prefork pool's children, or itself)."""
+        prefix = "" if self.namespace == "fh" else f"{self.namespace}."
+        try: names = [q.name for q in consumer.task_consumer.queues]
+        except Exception: names = [self.queue_name(q) for q in self.hub.queues]
+        queues = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
+        try: info = consumer.pool.info
+        except Exception: info = {}
+        pids = [p for p in info.get("processes", []) if isinstance(p, int)]
+        concurrency = int(info.get("max-concurrency") or getattr(consumer.pool, "limit", 0) or 1)
+        return self.worker_info(str(consumer.hostname), queues, concurrency, started), pids
 
     def _on_worker_shutdown(self, sender: Any = None, **kw: Any) -> None:
-        if getattr(sender, "app", None) is not self.celery or self.pump is None: return
+        if getattr(sender, "app", None) is not self.celery: return
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.pump is None: return
         self.pump.stop()
         self.pump = None
 
@@ -197,6 +219,7 @@ class CeleryEngine(BrokerEngine):
     def close(self) -> None:
         for sig, fn in self._receivers: sig.disconnect(fn)
         if self.pump is not None: self.pump.stop()
+        if self.heartbeat is not None: self.heartbeat.stop()
         super().close()
         try: self.celery.close()
         except Exception: pass

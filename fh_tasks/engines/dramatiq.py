@@ -17,8 +17,8 @@ lost workers; this module is the Dramatiq side of it (docs/scaling.md has the op
 - **Messages.** One per attempt, message id = job id, the job's arguments as the message's args and kwargs, JSON
   only (`JSONEncoder`; another encoder is refused). A retry or a delay is never a Dramatiq delay: the status store
   holds it and a pump publishes the job when due, so no delayed message waits unacked in a worker's memory. With
-  the status store in the broker's Redis, a new job's record and its message go in one round trip (record first);
-  several messages go in one pipeline.
+  the status store in the broker's Redis, a new job's record and its message go in one round trip (record first),
+  the message written as Dramatiq's own enqueue writes it (one script less); several messages go in one pipeline.
 - **Retries.** One side only: ours. The hooks decide (`hooks.decide`), the status store records `retrying`, and the
   job is published again when due; Dramatiq's `Retries` middleware is absent, so Dramatiq never retries by itself.
   A failed message is acked, not dead-lettered: its record keeps the error, `tasks.retry(id)` runs it again.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -53,7 +54,7 @@ from ..encoding import decode_args, encode_args
 from ..engine import EngineSettings
 from ..errors import FhTasksError, QueueUnavailable, TaskTimeout
 from ..records import NewJob
-from .broker import BrokerEngine, Message, Pump
+from .broker import BrokerEngine, Heartbeat, Message, Pump
 from .status import _safe, worker_name
 
 if TYPE_CHECKING:
@@ -67,6 +68,12 @@ log = logging.getLogger("fh_tasks.engines.dramatiq")
 _QUEUE = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 #: How often Dramatiq's time-limit thread looks for attempts past their timeout (ms): timeouts are that precise.
 TIME_LIMIT_INTERVAL = 100
+#: What Dramatiq's Redis `dispatch` script does to enqueue a message: a new job's message is written with these two
+#: commands, after its record, in one round trip (no second script), once its source shows it still does this.
+_ENQUEUE_LUA = ('local queue_full_name = namespace .. ":" .. queue_name',
+                'local queue_messages = queue_full_name .. ".msgs"',
+                'redis.call("hset", queue_messages, message_id, message_data)',
+                'redis.call("rpush", queue_full_name, message_id)')
 #: Waits (s) before each try at running a delivered job while the status store cannot be reached.
 STATUS_RETRIES = (0.0, 0.05, 0.25, 1.0)
 
@@ -111,7 +118,11 @@ class DramatiqEngine(BrokerEngine):
         self._same_redis = self._pipelined is not None and self.status_url == self.broker_url and all(
             hasattr(self.status, a) for a in ("_shas", "_insert_argv", "prefix", "max_events", "redis"))
         self._dispatch_sha: str | None = None
+        source = getattr(cast(Any, self.broker).scripts.get("dispatch"), "script", b"") if self._same_redis else b""
+        source = source.decode() if isinstance(source, bytes) else str(source)
+        self._plain_enqueue = all(x in source for x in _ENQUEUE_LUA)
         self.pump: Pump | None = None
+        self.heartbeat: Heartbeat | None = None
         self.eager_retries = False  # a burst worker (`testing.drain`) retries without backoff
         self.outcomes = 0           # outcomes recorded by this process's actors
         self._count = threading.Lock()
@@ -153,8 +164,10 @@ class DramatiqEngine(BrokerEngine):
 
     def _send_new(self, jobs: list[NewJob]) -> tuple[int, BaseException | None]:
         """One new job, with the status store in the broker's Redis (the default): its record and its message in one
-        round trip, on one connection, the record first (so no worker sees the message before it). Else, and when a
-        script is not loaded yet, `BrokerEngine._send_new` (two overlapping round trips)."""
+        round trip, on one connection, the record first (so no worker sees the message before it); the message as
+        Dramatiq's `dispatch` script enqueues it (`_ENQUEUE_LUA`: HSET, RPUSH), without running that script (its
+        producer heartbeat and 1-in-1000 maintenance are the workers' business). Else, and when a script is not
+        loaded yet, `BrokerEngine._send_new` (two overlapping round trips)."""
         st, b = self.status, cast(Any, self.broker)
         sha, dsha = st._shas.get("insert"), self._dispatch_sha
         if len(jobs) != 1 or not self._same_redis or sha is None or dsha is None:
@@ -165,9 +178,15 @@ class DramatiqEngine(BrokerEngine):
         cmds: list[tuple[Any, ...]] = [("EVALSHA", sha, 1, st.prefix, f"{st.clock():.6f}", st.max_events,
                                         *st._insert_argv(jobs))]
         m = None
-        if job.state == "queued":
+        if job.state == "queued" and (text := self._message_text(job)) is not None:  # no Message object needed
+            key, rid = f"{b.namespace}:{self.queue_name(job.queue)}", text[0]
+            cmds += [("HSET", key + ".msgs", rid, text[1]), ("RPUSH", key, rid)]
+        elif job.state == "queued":
             m = self._redis_message(job)
-            cmds.append(("EVALSHA", dsha, 1, b.namespace, *self._enqueue_args(m)))
+            if self._plain_enqueue:
+                key, rid = f"{b.namespace}:{m.queue_name}", m.options["redis_message_id"]
+                cmds += [("HSET", key + ".msgs", rid, m.encode()), ("RPUSH", key, rid)]
+            else: cmds.append(("EVALSHA", dsha, 1, b.namespace, *self._enqueue_args(m)))
         pool = st.redis.connection_pool
         try: conn = pool.get_connection()
         except TypeError: conn = pool.get_connection("EVALSHA")  # redis-py < 5.3
@@ -185,7 +204,7 @@ class DramatiqEngine(BrokerEngine):
             raise
         pool.release(conn)
         if m is not None: b.emit_after("enqueue", m, None)
-        elif "queued" in replies[0][1::3]:  # (id, state, new) per job: chained after a job that has succeeded
+        elif job.state != "queued" and "queued" in replies[0][1::3]:  # (id, state, new): chained after a success
             return self.publish(jobs)
         return 1, None
 
@@ -204,6 +223,25 @@ class DramatiqEngine(BrokerEngine):
         pipe.execute()
         for m in sent: b.emit_after("enqueue", m, None)
         return len(jobs), None
+
+    def _message_text(self, job: Message) -> tuple[str, bytes] | None:
+        """A new job's `redis_message_id` and message, encoded as `Message.encode` would encode `message(job)` with it,
+        but spliced from the job's stored arguments (`encode_args`' compact JSON object) instead of decoding and
+        encoding them again. None when that cannot stand in for the message: the enqueue is not `_ENQUEUE_LUA`, the
+        encoder is not Dramatiq's plain JSONEncoder, a middleware watches enqueues (it needs the Message), or the
+        arguments are not in that shape."""
+        a = job.args
+        if not self._plain_enqueue or type(dramatiq.get_encoder()) is not dramatiq.JSONEncoder or \
+                not a.endswith("}") or any(_watches_enqueue(mw) for mw in self.broker.middleware): return None
+        if a.startswith('{"args":['): body = a[1:-1]
+        elif a.startswith('{"kwargs":{'): body = '"args":[],' + a[1:-1]
+        else: return None
+        from dramatiq.common import current_millis
+        rid = str(uuid.uuid4())
+        rest = json.dumps({"queue_name": self.queue_name(job.queue), "actor_name": job.task,
+                           "options": {"redis_message_id": rid}, "message_id": job.id,
+                           "message_timestamp": current_millis()}, separators=(",", ":"))
+        return rid, ("{" + body + "," + rest[1:]).encode("utf-8")
 
     def _redis_message(self, job: Message) -> dramatiq.Message[Any]:
         "The job's message as `RedisBroker.enqueue` sends it: with a `redis_message_id` of its own, hooks told."
@@ -250,6 +288,7 @@ class DramatiqEngine(BrokerEngine):
 
     def close(self) -> None:
         if self.pump is not None: self.pump.stop()
+        if self.heartbeat is not None: self.heartbeat.stop()
         super().close()
         with contextlib.suppress(Exception):
             self.broker.close()
@@ -298,11 +337,20 @@ class DramatiqEngine(BrokerEngine):
         if self.pump is None:
             self.pump = Pump(self, max(0.01, self.settings.poll_interval))
             self.pump.start()
+        if self.heartbeat is None:
+            started, prefix = time.time(), f"{self.namespace}."
+            names = getattr(worker, "queues", None) or {self.queue_name(q) for q in self.hub.all_queues()}
+            queues = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
+            threads = int(getattr(worker, "worker_threads", 0) or 1)
+            self.heartbeat = Heartbeat(self, lambda: (self.worker_info(worker_name(), queues, threads, started), []))
+            self.heartbeat.start()
 
     def shutdown(self) -> None:
-        "The worker stopped: so does the pump."
+        "The worker stopped: so do the pump and the heartbeat."
         pump, self.pump = self.pump, None
         if pump is not None: pump.stop()
+        beat, self.heartbeat = self.heartbeat, None
+        if beat is not None: beat.stop()
 
     def _start_time_limits(self) -> None:
         "Start Dramatiq's time-limit thread (Dramatiq's CLI starts it at `process_boot`; our worker at its boot)."
@@ -411,7 +459,8 @@ class DramatiqWorker:
             await asyncio.sleep(0.01)
             c = status.counts()
             now = self.engine.clock()
-            busy = c.get("queued") or c.get("running") or any(
+            queued = c.get("queued", 0) and c["queued"] - status.held_queued()  # held: their queue is paused
+            busy = queued > 0 or c.get("running") or any(
                 r.run_at <= now for s in ("retrying", "scheduled") if c.get(s)
                 for r in status.jobs(state=s, limit=1000))
             quiet = 0 if busy else quiet + 1
@@ -455,6 +504,12 @@ def _broker(url: str, middleware: list[Middleware], *, heartbeat_timeout: float,
             raise FhTasksError(f"Dramatiq's RabbitMQ broker needs {e.name!r}: pip install 'fh-tasks[dramatiq]'") from e
         return RabbitmqBroker(url=url, middleware=middleware, confirm_delivery=confirm_delivery)
     raise ValueError(f"the dramatiq engine needs a redis:// or amqp:// broker URL, not {_safe(url)!r}")
+
+
+def _watches_enqueue(mw: Middleware) -> bool:
+    "True when a middleware has an enqueue hook (the hook needs the message as a `dramatiq.Message`)."
+    t = type(mw)
+    return t.before_enqueue is not Middleware.before_enqueue or t.after_enqueue is not Middleware.after_enqueue
 
 
 def _require_json() -> None:

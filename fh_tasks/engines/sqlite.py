@@ -38,7 +38,9 @@ class SQLiteEngine:
     name = "sqlite"
     capabilities = Capabilities(listing=True, progress=True, events=True, cancel_queued=True, cancel_running=True,
                                 retry=True, delay=True, chains=True, async_tasks=True, process_pool=True,
-                                in_process_workers=True, burst=True, stats=True, admin=True)
+                                in_process_workers=True, burst=True, stats=True, admin=True, cron=True,
+                                priorities=True, schedule_at=True, unique=True, queue_order=True,
+                                workflows=True, cancel_process=True, limits=True)
 
     def __init__(self, settings: EngineSettings | None = None, *, store: SQLiteStore | None = None) -> None:
         s = self.settings = settings or EngineSettings()
@@ -111,13 +113,18 @@ class SQLiteEngine:
 
     def _store_handing_off(self, w: Worker, rows: list[NewJob]) -> None:
         now, paused = self.clock(), self.store.paused_queues()  # a paused queue's jobs are not handed off
-        due = [r for r in rows if r.parent is None and r.run_at <= now and r.queue in w.queues
-               and r.queue not in paused and r.task in self.registry][:w.handoff_slots()]
+        due = [r for r in rows if r.parent is None and r.takes is None and r.run_at <= now and r.queue in w.queues
+               and r.queue not in paused and r.task in self.registry
+               and r.limit_key is None]  # a limited job waits for the claim, which counts it
+        # In due order (priority first); the store hands off only those no stored due job would be claimed before.
+        due = sorted(due, key=lambda r: r.run_at - r.priority * 60.0)[:w.handoff_slots()]
+        order: dict[str, Any] = dict(queues=w.queues, tasks=w.task_names(), ordered=w.queue_order.mode != "merged")
         taken = {r.id for r in due}
         rest = [r for r in rows if r.id not in taken]
         outcomes = w.take_outcomes()
         try:
-            accepted, claims = self.store.enqueue_claimed(due + rest, len(due), w.id, w.lease, [o for _, o in outcomes])
+            accepted, claims = self.store.enqueue_claimed(due + rest, len(due), w.id, w.lease, [o for _, o in outcomes],
+                                                          **order)
         except BaseException as e:
             w.restore_outcomes(outcomes)
             # The worker's outcomes ride along to save it a commit: they must never fail the request. Unless the store
@@ -125,7 +132,7 @@ class SQLiteEngine:
             if not outcomes or not isinstance(e, Exception) or isinstance(e, (QueueBusy, QueueUnavailable)): raise
             log.warning("could not store jobs with %d outcome(s) of worker %s (%s: %s); storing them alone",
                         len(outcomes), w.id, type(e).__name__, e)
-            accepted, claims = self.store.enqueue_claimed(due + rest, len(due), w.id, w.lease, [])
+            accepted, claims = self.store.enqueue_claimed(due + rest, len(due), w.id, w.lease, [], **order)
             outcomes = []
         w.recorded(outcomes, accepted)
         w.handoff(claims)
@@ -155,6 +162,10 @@ class SQLiteEngine:
     def cancel(self, id: str) -> bool:
         return self.store.cancel(id)
 
+    def live_job(self, key: str) -> str | None:
+        "The id of the live job holding uniqueness key `key` (capability `unique`), or None."
+        return self.store.live_job(key)
+
     def cancel_running(self, id: str) -> bool:
         "Cancel a running job: its worker stops an async or process attempt; a sync one sees the flag (`worker.py`)."
         return self.store.cancel_running(id)
@@ -175,7 +186,7 @@ class SQLiteEngine:
     def worker(self, **options: Any) -> Worker:
         "A worker with the hub's settings unless overridden (`burst=True`: until nothing is due)."
         s = self.settings
-        opts: dict[str, Any] = dict(concurrency=s.concurrency, queues=self.hub.queues, lease=s.lease,
+        opts: dict[str, Any] = dict(concurrency=s.concurrency, queues=self.hub.queue_order, lease=s.lease,
                                     poll_interval=s.poll_interval, grace=s.grace)
         return Worker(self, **{**opts, **options})
 

@@ -16,6 +16,20 @@ job from an unknown one. So every job has a record here, written at submit time 
     {ns}:events          stream of job events (XADD MAXLEN ~), read with XREAD BLOCK by `RedisFeed`; an entry's
                          id (Redis' clock in ms, never going backwards) is the event's order and time
 
+The jobs dashboard's keys (capabilities `stats` and `admin`; see `page`, `overview`, `attempts`, `pause`):
+
+    {ns}:queue:<queue>   zset per queue, scored by created_at (paging by queue; `insert` adds, `forget` removes)
+    {ns}:ok              zset of succeeded jobs scored by finished_at (successes per minute, run times; `succeed`
+                         adds, kept STATS_KEEP)
+    {ns}:failures        zset of failed attempts ("<id>|<attempt>|<became>|<run seconds>") scored by when they ended
+                         (failed attempts per minute; kept STATS_KEEP); written on the failure paths only
+    {ns}:attempts:<id>   zset of a job's failed attempts (JSON), its history: capped, deleted with the job
+    {ns}:failed_attempts, {ns}:gone_succeeded   hashes of counters per task that never go back (failed attempts in
+                         all; successes of jobs pruned or deleted)
+    {ns}:paused          set of paused queues; {ns}:held:<queue> zset of the jobs delivered while it was paused
+    {ns}:workers         zset of worker ids by last heartbeat; {ns}:worker:<id> hash (queues, concurrency, pids...)
+    {ns}:tasks, {ns}:queues   sets of the task and queue names hubs and workers announced (the overview's rows)
+
 `{ns}` is a hash tag (default `{fh}`): every key lives in one Cluster slot. Each transition is one Lua script
 (`SCRIPTS`) that reads the state, refuses a move that is backwards or fenced out (by attempt: an attempt that no
 longer holds the job cannot write its outcome or progress), writes the hash, moves the index entries and appends
@@ -48,6 +62,9 @@ from ..records import JobRecord, JobState, NewJob
 if TYPE_CHECKING:
     import redis
 
+    from ..engine import Overview
+    from ..records import WorkerInfo
+
 __all__ = ["StatusStore", "RedisFeed", "Due", "Started", "CRASH_ATTEMPTS", "REDELIVER_AFTER", "connect"]
 
 log = logging.getLogger("fh_tasks.status")
@@ -65,6 +82,24 @@ EXPIRE_MARGIN = 86_400.0
 #: Seconds a reader's combined filter (state and task) is kept.
 TMP_TTL = 10
 STATES = tuple(s.value for s in JobState if s is not JobState.unknown)
+# The jobs dashboard (capabilities `stats` and `admin`):
+#: Index entries one page of a filtered job list examines at most (a sparse filter gives a short page, then the next).
+PAGE_BUDGET = 2000
+#: Seconds the successes and failed attempts behind the per-minute figures and run times are kept.
+STATS_KEEP = 86_400.0
+#: The latest finished jobs whose run times make the histogram (as on SQLite).
+RUN_TIMES_LAST = 10_000
+#: Queued jobs a queue's oldest-job search looks at, at most.
+OLDEST_PROBES = 2000
+#: Running jobs read to count each worker's (at most).
+RUNNING_READ = 10_000
+#: Seconds between two heartbeats of a worker process: "silent" after 3 missed ones, forgotten after WORKER_FORGET.
+HEARTBEAT_EVERY = 1.0
+WORKER_FORGET = 300.0
+#: Seconds a process reuses the set of paused queues it read (a pause holds everywhere within about this long).
+PAUSED_TTL = 1.0
+_SUMMARY = ("id", "task", "queue", "state", "attempts", "max_attempts", "created_at", "run_at", "started_at",
+            "finished_at", "progress", "error", "parent", "worker", "owner")
 _NUMS = {"attempts": int, "max_attempts": int, "lost": int, "created_at": float, "run_at": float,
          "started_at": float, "finished_at": float, "timeout": float, "lease_until": float}
 
@@ -136,6 +171,31 @@ local function publishable(id)
   local h = redis.call('HMGET', jk(id), 'task', 'queue', 'args', 'timeout')
   return {id, h[1] or '', h[2] or '', h[3] or '', h[4] or ''}
 end
+local function failed_attempt(id, became, ttl, err)  -- the dashboard's record of a failed attempt (failure paths only)
+  local h = redis.call('HMGET', jk(id), 'task', 'attempts', 'worker', 'started_at', 'error')
+  local ak, ran = P .. ':attempts:' .. id, h[4] and string.format('%.6f', NOW - num(h[4])) or ''
+  redis.call('ZADD', ak, NOW, cjson.encode({h[2] or '0', became, h[3] or '', h[4] or '', string.format('%.6f', NOW),
+                                            err or h[5] or ''}))
+  if redis.call('ZCARD', ak) > 100 then redis.call('ZREMRANGEBYRANK', ak, 0, -101) end
+  if ttl and tonumber(ttl) > 0 then redis.call('EXPIRE', ak, math.ceil(tonumber(ttl))) end
+  redis.call('ZADD', P .. ':failures', NOW, id .. '|' .. (h[2] or '0') .. '|' .. became .. '|' .. ran)
+  redis.call('HINCRBY', P .. ':failed_attempts', h[1] or '', 1)
+end
+local function forget(id, task, st)  -- a finished job (or one whose record expired): record, history, index entries
+  local q = redis.call('HGET', jk(id), 'queue')
+  if (st or (redis.call('ZSCORE', P .. ':state:succeeded', id) and 'succeeded')) == 'succeeded' then
+    redis.call('HINCRBY', P .. ':gone_succeeded', task, 1)  -- the run counters never go back
+  end
+  redis.call('DEL', jk(id), P .. ':children:' .. id, P .. ':attempts:' .. id)
+  redis.call('ZREM', P .. ':all', id)
+  redis.call('ZREM', P .. ':task:' .. task, id)
+  if q then redis.call('ZREM', P .. ':queue:' .. q, id) else
+    for _, x in ipairs(redis.call('SMEMBERS', P .. ':queues')) do redis.call('ZREM', P .. ':queue:' .. x, id) end
+  end
+  if st then redis.call('ZREM', P .. ':state:' .. st, id) else
+    for _, s in ipairs({'succeeded', 'failed', 'cancelled'}) do redis.call('ZREM', P .. ':state:' .. s, id) end
+  end
+end
 """
 
 SCRIPTS: dict[str, str] = {
@@ -166,6 +226,7 @@ for i = 5, #ARGV, 11 do
     if owner ~= '' then redis.call('HSET', k, 'owner', owner) end
     redis.call('ZADD', P .. ':all', created, id)
     redis.call('ZADD', P .. ':task:' .. task, created, id)
+    redis.call('ZADD', P .. ':queue:' .. queue, created, id)
     redis.call('ZADD', P .. ':state:' .. state, created, id)
     event(id, 'stored', {task, state, '0', false})
     if state == 'waiting' then redis.call('RPUSH', P .. ':children:' .. parent, id)
@@ -197,10 +258,13 @@ if st == 'running' then
   if attempts >= math.max(cap, maxa) then
     redis.call('HSET', k, 'error', cjson.encode({type = 'WorkerLost', message = 'the worker running this job ' ..
       'stopped while it ran (its lease expired), ' .. attempts .. ' time(s)'}))
+    failed_attempt(id, 'failed', ttl)
     finish(id, 'running', 'failed', ttl)
     cancel_chain(id, ttl)
     return {-1, 'lost'}
   end
+  failed_attempt(id, 'queued', nil, cjson.encode({type = 'WorkerLost', message = 'the worker running this job ' ..
+    'stopped while it ran (its lease expired)'}))
 elseif st == 'scheduled' or st == 'retrying' then
   if num(h[2]) > NOW then  -- not due yet (a stray copy): the pump publishes it on time
     redis.call('ZADD', P .. ':due', h[2], id)
@@ -247,6 +311,7 @@ local k = jk(id)
 redis.call('HDEL', k, 'error')
 if ARGV[5] ~= '' then redis.call('HSET', k, 'result', ARGV[5]) else redis.call('HDEL', k, 'result') end
 finish(id, 'running', 'succeeded', ttl)
+redis.call('ZADD', P .. ':ok', NOW, id)  -- the dashboard's successes per minute and run times
 local out = {1}
 local ck = P .. ':children:' .. id
 for _, c in ipairs(redis.call('LRANGE', ck, 0, -1)) do
@@ -270,6 +335,7 @@ if not fenced(id, attempt) then return {0} end
 set_progress(id, ARGV[6])
 local k = jk(id)
 redis.call('HSET', k, 'error', ARGV[5], 'run_at', ARGV[7])
+failed_attempt(id, 'retrying')
 redis.call('HDEL', k, 'lease_until')
 redis.call('ZADD', P .. ':due', ARGV[8], id)
 move(id, 'running', 'retrying')
@@ -284,6 +350,7 @@ local id, attempt, ttl = ARGV[3], ARGV[4], ARGV[7]
 if not fenced(id, attempt) then return 0 end
 set_progress(id, ARGV[6])
 redis.call('HSET', jk(id), 'error', ARGV[5])
+failed_attempt(id, 'failed', ttl)
 finish(id, 'running', 'failed', ttl)
 cancel_chain(id, ttl)
 return 1
@@ -365,17 +432,158 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. ':done', '-inf', ARGV[3], 'L
   local id, task = string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
   local st = redis.call('HGET', jk(id), 'state')
   if st == 'succeeded' or st == 'failed' or st == 'cancelled' or not st then
-    redis.call('DEL', jk(id), P .. ':children:' .. id)
-    redis.call('ZREM', P .. ':all', id)
-    redis.call('ZREM', P .. ':task:' .. task, id)
-    if st then redis.call('ZREM', P .. ':state:' .. st, id) else
-      for _, s in ipairs({'succeeded', 'failed', 'cancelled'}) do redis.call('ZREM', P .. ':state:' .. s, id) end
-    end
+    forget(id, task, st)
     n = n + 1
   end
   redis.call('ZREM', P .. ':done', m)
 end
 return n
+""",
+    # -- the jobs dashboard (capabilities `stats`, `admin`): reads and actions, never on a job's own path ------------
+    # page: ARGV[3] since ('' none), [4] cursor score ('' the first page), [5] cursor id, [6] limit, [7] most index
+    # entries to examine, then the indexes to match ('all', 'state:s', 'task:t', 'queue:q'). Walks the smallest one
+    # newest first from the cursor, keeping the ids every other index holds (ZSCORE), until limit + 1 are found, the
+    # budget is spent or `since` is passed: O(log n + limit) for one index, O(log n + budget) for several.
+    # Returns {next score, next id ('' '': last page), id, score, id, score...}.
+    "page": r"""
+local since, cs, cid = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local limit, budget = tonumber(ARGV[6]), tonumber(ARGV[7])
+local keys, walk, size = {}, nil, nil
+for i = 8, #ARGV do
+  local k = P .. ':' .. ARGV[i]
+  local n = redis.call('ZCARD', k)
+  keys[#keys + 1] = k
+  if not size or n < size then walk, size = k, n end
+end
+local others = {}
+for _, k in ipairs(keys) do if k ~= walk then others[#others + 1] = k end end
+local pos = 0
+if cs ~= '' then
+  local r = redis.call('ZREVRANK', walk, cid)
+  if r then pos = r + 1 else  -- the cursor's job left this index: start after its place (ties: by id, descending)
+    pos = redis.call('ZCOUNT', walk, '(' .. cs, '+inf')
+    for _, m in ipairs(redis.call('ZRANGE', walk, cs, cs, 'BYSCORE', 'LIMIT', 0, budget)) do
+      if m > cid then pos = pos + 1 end
+    end
+  end
+end
+local out, seen, nxt = {}, 0, {'', ''}
+if #others == 0 then budget = math.max(budget, limit + 1) end  -- one index: every entry examined is kept
+local chunk = (#others == 0) and (limit + 1) or math.max(limit + 1, 200)
+while seen < budget do
+  local got = redis.call('ZREVRANGE', walk, pos, pos + math.min(budget - seen, chunk) - 1, 'WITHSCORES')
+  if #got == 0 then return {'', '', unpack(out)} end
+  for i = 1, #got, 2 do
+    local id, sc = got[i], got[i + 1]
+    if since and tonumber(sc) < since then return {'', '', unpack(out)} end
+    seen = seen + 1
+    local keep = true
+    for _, k in ipairs(others) do if not redis.call('ZSCORE', k, id) then keep = false; break end end
+    if keep then
+      if #out >= 2 * limit then return {out[#out], out[#out - 1], unpack(out)} end  -- one more: there is a next page
+      out[#out + 1] = id; out[#out + 1] = sc
+    end
+    nxt = {sc, id}
+  end
+  pos = pos + #got / 2
+end
+return {nxt[1], nxt[2], unpack(out)}  -- the budget is spent: the next page goes on from the last job examined
+""",
+    # counts: ARGV[3..] tasks. Returns, per task, its jobs, then per state but `succeeded` (the bulk: what remains)
+    # the state's name and, per task, its jobs in that state (ZINTERCARD walks the smaller set).
+    "counts": r"""
+local out, tasks = {}, {}
+for i = 3, #ARGV do tasks[#tasks + 1] = ARGV[i]; out[#out + 1] = redis.call('ZCARD', P .. ':task:' .. ARGV[i]) end
+for _, s in ipairs({'queued', 'scheduled', 'waiting', 'running', 'retrying', 'failed', 'cancelled'}) do
+  local sk = P .. ':state:' .. s
+  if redis.call('ZCARD', sk) > 0 then
+    out[#out + 1] = s
+    for _, t in ipairs(tasks) do out[#out + 1] = redis.call('ZINTERCARD', 2, sk, P .. ':task:' .. t) end
+  end
+end
+return out
+""",
+    # queues: ARGV[3] most probes per queue, then queues. Per queue: its queued jobs, and the run_at of its oldest
+    # queued job ('' when none was found within the probes: the smaller of the two indexes walked oldest first).
+    "queues": r"""
+local cap, out, qk = tonumber(ARGV[3]), {}, P .. ':state:queued'
+for i = 4, #ARGV do
+  local k = P .. ':queue:' .. ARGV[i]
+  local n, found, pos = redis.call('ZINTERCARD', 2, qk, k), '', 0
+  local a, b = qk, k
+  if redis.call('ZCARD', k) < redis.call('ZCARD', qk) then a, b = k, qk end
+  while n > 0 and found == '' and pos < cap do
+    local got = redis.call('ZRANGE', a, pos, pos + 199)
+    if #got == 0 then break end
+    for _, id in ipairs(got) do
+      if redis.call('ZSCORE', b, id) then found = redis.call('HGET', jk(id), 'run_at') or ''; break end
+    end
+    pos = pos + #got
+  end
+  out[#out + 1] = n; out[#out + 1] = found
+end
+return out
+""",
+    # run_times: ARGV[3] since, [4] most runs, then bucket bounds. The run times of the latest final runs since
+    # `since`: successes (finished_at - started_at) and jobs failed for good (kept in their `failures` entry).
+    # Returns the runs at most each bound long (cumulative), how many, their sum (as text).
+    "run_times": r"""
+local since, last, bounds, runs = ARGV[3], tonumber(ARGV[4]), {}, {}
+for i = 5, #ARGV do bounds[#bounds + 1] = tonumber(ARGV[i]) end
+local ok = redis.call('ZRANGE', P .. ':ok', '+inf', since, 'BYSCORE', 'REV', 'LIMIT', 0, last, 'WITHSCORES')
+for i = 1, #ok, 2 do
+  local s = redis.call('HGET', jk(ok[i]), 'started_at')
+  if s then runs[#runs + 1] = {tonumber(ok[i + 1]), math.max(0, tonumber(ok[i + 1]) - tonumber(s))} end
+end
+local bad = redis.call('ZRANGE', P .. ':failures', '+inf', since, 'BYSCORE', 'REV', 'LIMIT', 0, last, 'WITHSCORES')
+for i = 1, #bad, 2 do
+  local became, ran = string.match(bad[i], '|([^|]*)|([^|]*)$')
+  if became == 'failed' and tonumber(ran) then runs[#runs + 1] = {tonumber(bad[i + 1]), tonumber(ran)} end
+end
+table.sort(runs, function(a, b) return a[1] > b[1] end)
+local le, n, sum = {}, math.min(#runs, last), 0
+for b = 1, #bounds do le[b] = 0 end
+for r = 1, n do
+  local d = runs[r][2]
+  sum = sum + d
+  for b = 1, #bounds do if d <= bounds[b] then le[b] = le[b] + 1 end end
+end
+le[#le + 1] = n; le[#le + 1] = string.format('%.6f', sum)
+return le
+""",
+    # delete: ARGV[3] id. A finished job goes, with its history and index entries. Returns 1 when deleted.
+    "delete": r"""
+local id = ARGV[3]
+local h = redis.call('HMGET', jk(id), 'state', 'task')
+if h[1] ~= 'succeeded' and h[1] ~= 'failed' and h[1] ~= 'cancelled' then return 0 end
+redis.call('ZREM', P .. ':done', id .. '|' .. (h[2] or ''))
+forget(id, h[2] or '', h[1])
+return 1
+""",
+    # hold: ARGV[3] id. A delivered job whose queue is paused waits in `held:<queue>` (out of the due set; its message
+    # is dropped) until `release`. Returns 1 when held, 0 when its queue is not paused (or it is not waiting to start).
+    "hold": r"""
+local id = ARGV[3]
+local h = redis.call('HMGET', jk(id), 'state', 'queue', 'run_at')
+if h[1] ~= 'queued' and h[1] ~= 'scheduled' and h[1] ~= 'retrying' then return 0 end
+if redis.call('SISMEMBER', P .. ':paused', h[2] or '') == 0 then return 0 end
+redis.call('ZREM', P .. ':due', id)
+redis.call('ZADD', P .. ':held:' .. h[2], num(h[3]), id)
+return 1
+""",
+    # release: ARGV[3] queue, [4] limit. Jobs held while their queue was paused fall due (now, or at their run_at):
+    # a pump publishes them. Returns how many were taken from the held set (call again until 0).
+    "release": r"""
+local hk = P .. ':held:' .. ARGV[3]
+local ids = redis.call('ZRANGE', hk, 0, tonumber(ARGV[4]) - 1)
+for _, id in ipairs(ids) do
+  local h = redis.call('HMGET', jk(id), 'state', 'run_at')
+  if h[1] == 'queued' or h[1] == 'scheduled' or h[1] == 'retrying' then
+    redis.call('ZADD', P .. ':due', math.max(NOW, num(h[2])), id)
+  end
+  redis.call('ZREM', hk, id)
+end
+return #ids
 """,
 }
 
@@ -447,17 +655,18 @@ class StatusStore:
         "Run one transition script and return its answer (see `_soon`)."
         return self._soon(script, *args, doing=doing)()
 
-    def _soon(self, script: str, *args: Any, doing: str) -> Callable[[], Any]:
-        """Send one transition script now; the function returned reads its answer. Scripts go over a connection of
-        the calling thread (`_Wire`): the answers come back in order, so a worker can send an attempt's outcome and
-        go on (the next `start` reads both answers). A script is loaded once per server, again after a restart."""
+    def _soon(self, script: str, *args: Any, doing: str, defer: bool = False) -> Callable[[], Any]:
+        """Send one transition script now (`defer`: with the thread's next script, see `_Wire`); the function returned
+        reads its answer. Scripts go over a connection of the calling thread (`_Wire`): the answers come back in
+        order, so a worker can send an attempt's outcome and go on (the next `start` reads both answers). A script
+        is loaded once per server, again after a restart."""
         import redis
         argv = [f"{self.clock():.6f}", self.max_events, *("" if a is None else a for a in args)]
         try:
             sha = self._shas.get(script)
             if sha is None: sha = self._shas[script] = self.redis.script_load(_PRELUDE + SCRIPTS[script])
             wire = self._wire()
-            ticket = wire.send("EVALSHA", sha, 1, self.prefix, *argv)
+            ticket = wire.send("EVALSHA", sha, 1, self.prefix, *argv, defer=defer)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise QueueUnavailable(f"the status store at {_safe(self.url)} cannot be reached to {doing}: {e}") from e
 
@@ -473,6 +682,12 @@ class StatusStore:
                                        f"{e}") from e
 
         return answer
+
+    def flush_held(self) -> None:
+        "Write the outcomes this process's threads hold back for their next script (`succeed_soon(defer=True)`)."
+        pid = os.getpid()
+        for key, w in list(self._wires.items()):
+            if key[0] == pid and w.held: w.flush()
 
     def _wire(self) -> _Wire:
         "This thread's connection for scripts (a new one in a forked child)."
@@ -541,10 +756,12 @@ class StatusStore:
         "Record a successful attempt (with its last progress); returns (accepted, chained jobs to publish now)."
         return self.succeed_soon(id, attempt, result)()
 
-    def succeed_soon(self, id: str, attempt: int, result: str | None) -> Callable[[], tuple[bool, list[Due]]]:
-        "`succeed`, sent now and answered later (a worker runs its next job meanwhile): returns what reads the answer."
+    def succeed_soon(self, id: str, attempt: int, result: str | None, *,
+                     defer: bool = False) -> Callable[[], tuple[bool, list[Due]]]:
+        """`succeed`, sent now and answered later (a worker runs its next job meanwhile): returns what reads the answer.
+        `defer`: sent with this thread's next script (its next job's `start`), or by `flush_held` (a keeper thread)."""
         answer = self._soon("succeed", id, attempt, result or "", self._last_progress(id, attempt), self._ttl,
-                            f"{self.clock() + RELEASE_GRACE:.6f}", doing="record a result")
+                            f"{self.clock() + RELEASE_GRACE:.6f}", doing="record a result", defer=defer)
 
         def read() -> tuple[bool, list[Due]]:
             r = answer()
@@ -706,6 +923,170 @@ class StatusStore:
         for s in STATES: pipe.zcard(self.key("state", s))
         return {s: int(n) for s, n in zip(STATES, self._read(pipe.execute, "count jobs"), strict=True) if n}
 
+    # -- the jobs dashboard: capability `stats` ---------------------------------------------------------------------
+    def page(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
+             since: float | None = None, before: str | None = None,
+             limit: int = 50) -> tuple[list[JobRecord], str | None]:
+        """One page of jobs newest first (summaries), filtered, after the key `before` ("<created_at>_<id>", as the
+        previous page returned it); returns the jobs and the next page's key (None: the last page). See the `page`
+        script: one index is read from the key on, several are intersected within `PAGE_BUDGET` entries a page."""
+        if limit <= 0 or (state is not None and state not in STATES): return [], None
+        keys = [f"state:{state}"] if state else []
+        if task: keys.append(f"task:{task}")
+        if queue: keys.append(f"queue:{queue}")
+        score, _, cid = (before or "").partition("_")
+        try: float(score)
+        except ValueError: score = cid = ""  # a key this store did not make: the first page
+        r = self._call("page", "" if since is None else f"{since:.6f}", score, cid, limit, PAGE_BUDGET,
+                       *(keys or ["all"]), doing="list jobs")
+        return self._summaries(r[2::2]), (f"{r[0]}_{r[1]}" if r[0] else None)
+
+    def _summaries(self, ids: Sequence[str]) -> list[JobRecord]:
+        if not ids: return []
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids: pipe.hmget(self.key("job", i), _SUMMARY)
+        rows = self._read(pipe.execute, "list jobs")
+        return [_record({k: v for k, v in zip(_SUMMARY, got, strict=True) if v is not None}) for got in rows if got[3]]
+
+    def overview(self, window: float, tasks: Iterable[str] = (), queues: Iterable[str] = (),
+                 buckets: Sequence[float] = ()) -> Overview:
+        """The dashboard's figures (see `Engine.overview`). `tasks`, `queues`: names the caller knows (its hub's),
+        added to those the workers announced. Counts per state and task and queue depths are exact; successes and
+        failed attempts per minute come from `{ns}:ok` and `{ns}:failures` (kept `STATS_KEEP` seconds)."""
+        from ..engine import Overview
+        from ..records import WorkerInfo
+        now = self.clock()
+        since, minutes = now - window, int(window // 60)
+        tasks, queues = sorted(set(tasks)), sorted(set(queues))
+        p = self.redis.pipeline(transaction=False)
+        if tasks: p.sadd(self.key("tasks"), *tasks)
+        if queues: p.sadd(self.key("queues"), *queues)
+        p.smembers(self.key("tasks"))
+        p.smembers(self.key("queues"))
+        p.smembers(self.key("paused"))
+        p.hgetall(self.key("gone_succeeded"))
+        p.hgetall(self.key("failed_attempts"))
+        p.zrangebyscore(self.key("workers"), now - WORKER_FORGET, "+inf")
+        p.zrange(self.key("state", "running"), 0, RUNNING_READ - 1)
+        for k in ("ok", "failures"):
+            for m in range(minutes): p.zcount(self.key(k), since + 60 * m, f"({since + 60 * (m + 1)}")
+        got = self._read(p.execute, "read the overview")[(1 if tasks else 0) + (1 if queues else 0):]
+        all_tasks, all_queues, paused = sorted(got[0]), sorted(got[1] | got[2]), frozenset(got[2])
+        gone, failed = ({k: int(v) for k, v in h.items()} for h in got[3:5])
+        worker_ids, running_ids = got[5:7]
+        per_minute = got[7:]
+        c = self._call("counts", *all_tasks, doing="count jobs") if all_tasks else []
+        q = self._call("queues", OLDEST_PROBES, *all_queues, doing="count queued jobs") if all_queues else []
+        rt = self._call("run_times", f"{since:.6f}", RUN_TIMES_LAST, *buckets, doing="read run times")
+        p = self.redis.pipeline(transaction=False)
+        for w in worker_ids: p.hgetall(self.key("worker", w))
+        for i in running_ids: p.hget(self.key("job", i), "worker")
+        more = self._read(p.execute, "read the overview") if worker_ids or running_ids else []
+        hashes, workers_of = more[:len(worker_ids)], more[len(worker_ids):]
+        return Overview(at=now, window=window, counts=_counts(all_tasks, c), paused=paused,
+                        queues=[(name, int(q[2 * i]), float(q[2 * i + 1]) if q[2 * i + 1] else None)
+                                for i, name in enumerate(all_queues) if int(q[2 * i])],
+                        succeeded=[int(n) for n in per_minute[:minutes]], failed=[int(n) for n in per_minute[minutes:]],
+                        workers=_workers(worker_ids, hashes, workers_of, now, WorkerInfo),
+                        run_times=list(zip(buckets, (int(n) for n in rt[:len(buckets)]), strict=True)),
+                        run_count=int(rt[-2]), run_sum=float(rt[-1]), gone_succeeded=gone, failed_attempts=failed)
+
+    def attempts(self, id: str) -> list[dict[str, Any]]:
+        "A job's failed attempts, oldest first: attempt, state (what it became), worker, started_at, ended_at, error."
+        from ..records import _error
+        rows = self._read(lambda: self.redis.zrange(self.key("attempts", id), 0, -1), "read a job's attempts")
+        out = []
+        for text in rows:
+            try: a, became, worker, started, ended, err = json.loads(text)
+            except ValueError: continue
+            out.append({"attempt": int(a or 0), "state": became, "worker": worker or None,
+                        "started_at": float(started) if started else None, "ended_at": float(ended) if ended else None,
+                        "error": _error(err or None)})
+        return out
+
+    def heartbeat(self, info: WorkerInfo, pids: Sequence[int] = ()) -> None:
+        """A worker process says it is alive (every `HEARTBEAT_EVERY` s): what it serves, and the processes that run its
+        jobs (`pids`: the jobs whose `worker` is one of them count as its running jobs). Forgotten after
+        `WORKER_FORGET` s of silence."""
+        now, k = self.clock(), self.key("worker", info.id)
+        p = self.redis.pipeline(transaction=False)
+        p.hset(k, mapping={"host": info.host, "pid": info.pid, "queues": json.dumps(list(info.queues)),
+                           "tasks": json.dumps(list(info.tasks)), "concurrency": info.concurrency, "lease": info.lease,
+                           "started_at": info.started_at, "last_seen": now,
+                           "pids": json.dumps(sorted({info.pid, *pids}))})
+        p.expire(k, int(WORKER_FORGET))
+        p.zadd(self.key("workers"), {info.id: now})
+        if info.queues: p.sadd(self.key("queues"), *info.queues)
+        if info.tasks: p.sadd(self.key("tasks"), *info.tasks)
+        self._read(p.execute, "record a heartbeat")
+
+    def forget_worker(self, id: str) -> None:
+        "A worker stopped cleanly: it leaves the list at once."
+        p = self.redis.pipeline(transaction=False)
+        p.delete(self.key("worker", id))
+        p.zrem(self.key("workers"), id)
+        self._read(p.execute, "forget a worker")
+
+    def trim_stats(self) -> None:
+        "Forget successes and failed attempts older than `STATS_KEEP`, and workers silent for `WORKER_FORGET`."
+        now = self.clock()
+        p = self.redis.pipeline(transaction=False)
+        for k in ("ok", "failures"): p.zremrangebyscore(self.key(k), "-inf", f"({now - STATS_KEEP}")
+        p.zremrangebyscore(self.key("workers"), "-inf", f"({now - WORKER_FORGET}")
+        self._read(p.execute, "trim the dashboard's figures")
+
+    # -- capability `admin` ----------------------------------------------------------------------------------------
+    def delete(self, id: str) -> bool:
+        "Delete a finished job (its record, history and index entries); False when it is not finished or not there."
+        return bool(self._call("delete", id, doing="delete a job"))
+
+    def requeue_failed(self, task: str, batch: int = 500) -> list[Due]:
+        "Queue every failed job of `task` again, with fresh attempts (as `requeue`); returns them, to publish."
+        out: list[Due] = []
+        score = cid = ""
+        while True:
+            r = self._call("page", "", score, cid, batch, PAGE_BUDGET, "state:failed", f"task:{task}",
+                           doing="requeue failed jobs")
+            for i in r[2::2]:
+                if (due := self.requeue(i)) is not None: out.append(due)
+            if not r[0]: return out
+            score, cid = r[0], r[1]
+
+    def pause(self, queue: str) -> None:
+        "Workers start no job of `queue` (a job delivered meanwhile is held: see `hold`) until `resume`."
+        self._read(lambda: self.redis.sadd(self.key("paused"), queue), "pause a queue")
+        self.paused(fresh=True)
+
+    def resume(self, queue: str) -> int:
+        "Workers start jobs of `queue` again; the jobs held meanwhile fall due (a pump publishes them); how many."
+        self._read(lambda: self.redis.srem(self.key("paused"), queue), "resume a queue")
+        self.paused(fresh=True)
+        n = 0
+        while (got := int(self._call("release", queue, 1000, doing="resume a queue"))): n += got
+        return n
+
+    def paused(self, fresh: bool = False) -> frozenset[str]:
+        """The paused queues, read at most once per `PAUSED_TTL` per process (`fresh`: now): a worker pays nothing for
+        pausing while no queue is paused."""
+        t = time.monotonic()
+        cached = getattr(self, "_paused", None)
+        if cached is None or fresh or t - cached[0] >= PAUSED_TTL:
+            got = self._read(lambda: self.redis.smembers(self.key("paused")), "read paused queues")
+            cached = self._paused = (t, frozenset(got))
+        return cached[1]
+
+    def hold(self, id: str) -> bool:
+        "Job `id` was delivered while its queue is paused: keep it, without running it, until `resume`. True: held."
+        return bool(self._call("hold", id, doing="hold a job of a paused queue"))
+
+    def held_queued(self) -> int:
+        "Queued jobs held in paused queues (a burst worker's idle check leaves them out)."
+        paused = self.paused()
+        if not paused: return 0
+        p = self.redis.pipeline(transaction=False)
+        for q in paused: p.zintercard(2, [self.key("held", q), self.key("state", "queued")])
+        return sum(int(n) for n in self._read(p.execute, "count held jobs"))
+
     def feed(self) -> RedisFeed:
         return RedisFeed(self)
 
@@ -726,8 +1107,10 @@ class StatusStore:
 class _Wire:
     """One connection used by one thread for transition scripts, pipelined: `send` writes a command and returns a
     ticket, `read(ticket)` reads the answers in order up to that ticket's (keeping the earlier ones for their own
-    `read`). Thread-safe: another thread (a worker's keeper) may read an answer. A broken connection fails every
-    command waiting on it and reconnects on the next `send`."""
+    `read`). `send(..., defer=True)` holds the command back until the next `send`, `read` or `flush`, which write it
+    in the same system call (a worker's success goes out with its next job's `start`: one write per job instead of
+    two). Thread-safe: another thread (a worker's keeper) may read an answer or flush. A broken connection fails
+    every command waiting on it and reconnects on the next `send`."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -735,27 +1118,43 @@ class _Wire:
         self.waiting: collections.deque[int] = collections.deque()
         self.answers: dict[int, tuple[bool, Any]] = {}
         self.next = 0
+        self.unsent: list[Any] = []  # the packed commands held back by `send(defer=True)`...
+        self.held = 0                # ...and how many they are (the last ones of `waiting`)
 
-    def send(self, *args: Any) -> int:
-        import redis
+    def send(self, *args: Any, defer: bool = False) -> int:
         with self.lock:
-            if not self.waiting and getattr(self.conn, "_sock", None) is not None:
-                # Idle, yet readable: the server closed it (a restart) or it holds stray data. As the pool does on
-                # checkout, reconnect rather than send a command that would be lost.
-                try: stale = self.conn.can_read(timeout=0)
-                except (redis.exceptions.ConnectionError, OSError): stale = True
-                if stale: self.conn.disconnect()
-            try: self.conn.send_command(*args)
-            except BaseException:
-                self._broken()
-                raise
+            packed = self.conn.pack_command(*args)
+            if defer:
+                self.unsent += packed
+                self.held += 1
+            else: self._write(packed)
             self.next += 1
             self.waiting.append(self.next)
             return self.next
 
+    def flush(self) -> None:
+        "Write the commands held back by `send(defer=True)`, if any."
+        with self.lock:
+            if self.held: self._write([])
+
+    def _write(self, packed: list[Any]) -> None:
+        import redis
+        if len(self.waiting) == self.held and getattr(self.conn, "_sock", None) is not None:
+            # Idle, yet readable: the server closed it (a restart) or it holds stray data. As the pool does on
+            # checkout, reconnect rather than send a command that would be lost (held commands were never sent).
+            try: stale = self.conn.can_read(timeout=0)
+            except (redis.exceptions.ConnectionError, OSError): stale = True
+            if stale: self.conn.disconnect()
+        chunks, self.unsent, self.held = self.unsent + packed, [], 0
+        try: self.conn.send_packed_command([b"".join(chunks)] if len(chunks) > 1 else chunks)  # one system call
+        except BaseException:
+            self._broken()
+            raise
+
     def read(self, ticket: int) -> Any:
         import redis
         with self.lock:
+            if ticket > self.next - self.held: self._write([])  # held back: written now
             while ticket not in self.answers:
                 if not self.waiting: raise redis.exceptions.ConnectionError("the answer was lost with its connection")
                 t = self.waiting.popleft()
@@ -771,6 +1170,7 @@ class _Wire:
     def _broken(self) -> None:
         "Drop the connection and every answer still expected on it."
         self.waiting.clear()
+        self.unsent, self.held = [], 0
         self.conn.disconnect()
 
 
@@ -845,6 +1245,41 @@ def _record(h: dict[str, Any]) -> JobRecord:
             try: row[k] = kind(v) if kind is float else int(float(v))
             except ValueError: pass
     return JobRecord.from_row(row)
+
+
+def _counts(tasks: Sequence[str], flat: Sequence[Any]) -> list[tuple[str, str, int]]:
+    "(task, state, jobs) from the `counts` script's answer: `succeeded` is what the other states leave of a task."
+    totals = dict(zip(tasks, (int(n) for n in flat[:len(tasks)]), strict=True))
+    out: dict[tuple[str, str], int] = {}
+    i = len(tasks)
+    while i < len(flat):
+        state = str(flat[i])
+        for t, n in zip(tasks, flat[i + 1:i + 1 + len(tasks)], strict=True):
+            if int(n): out[(t, state)] = int(n)
+        i += 1 + len(tasks)
+    for t, n in totals.items():
+        rest = n - sum(v for (task, _), v in out.items() if task == t)
+        if rest > 0: out[(t, "succeeded")] = rest
+    return sorted((t, s, n) for (t, s), n in out.items())
+
+
+def _workers(ids: Sequence[str], hashes: Sequence[dict[str, str]], running: Sequence[str | None], now: float,
+             info: Any) -> list[tuple[Any, int]]:
+    "The workers that sent a heartbeat lately, each with the running jobs of its processes."
+    per: collections.Counter[str] = collections.Counter(w for w in running if w)
+    out = []
+    for id, h in zip(ids, hashes, strict=True):
+        if not h: continue
+        try:
+            pids = [int(p) for p in json.loads(h.get("pids") or "[]")]
+            w = info(id=id, host=h.get("host", ""), pid=int(h.get("pid") or 0),
+                     queues=tuple(json.loads(h.get("queues") or "[]")), tasks=tuple(json.loads(h.get("tasks") or "[]")),
+                     concurrency=int(h.get("concurrency") or 0), lease=float(h.get("lease") or 0),
+                     started_at=float(h.get("started_at") or 0), last_seen=float(h.get("last_seen") or 0))
+        except (ValueError, TypeError): continue
+        w.live = now - w.last_seen <= 3 * HEARTBEAT_EVERY + 1
+        out.append((w, sum(per[f"{w.host}:{p}"] for p in pids)))
+    return sorted(out, key=lambda x: x[0].started_at)
 
 
 def _chunks(it: Iterable[Any], n: int) -> Iterable[list[Any]]:

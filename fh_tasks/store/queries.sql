@@ -1,42 +1,67 @@
 -- Named queries, loaded by name into a dict. Times are Unix seconds (REAL).
 
 -- name: insert
+-- A job whose uniqueness key (`ukey`) a live job holds is not stored (fh_jobs_ukey): see `SQLiteStore._insert`.
 INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent, owner,
                     priority, ukey, limit_key, takes, grp)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (ukey) WHERE ukey IS NOT NULL AND state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running')
+DO NOTHING;
 
 -- name: insert_claimed
 -- A new job handed straight to an in-process worker with a free slot: stored as claimed (attempt 1).
 INSERT INTO fh_jobs (id, task, queue, args, state, attempts, max_attempts, timeout, run_at, created_at,
                      worker, lease_until, started_at, owner, priority, ukey, limit_key, takes, grp)
-VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (ukey) WHERE ukey IS NOT NULL AND state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running')
+DO NOTHING;
+
+-- name: live_key
+-- The live job holding a uniqueness key (through fh_jobs_ukey).
+SELECT id FROM fh_jobs
+ WHERE ukey = :key AND ukey IS NOT NULL AND state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running');
 
 -- name: claim
--- One statement claims a batch: the due jobs of the queues, oldest first. attempts+1 is the new fencing token.
--- {due} is the union of one `due` query per queue, so each reads the fh_jobs_due index in order (O(batch)).
+-- One statement claims a batch: the due jobs of the queues in due order (run_at - priority * 60, then seq: see
+-- `due`), or (:ordered) the queues' jobs one queue after the other, in the order given. attempts+1 is the new
+-- fencing token. {due} is the union of one `due` query per queue, so each reads the fh_jobs_due index in order
+-- (O(batch)).
 UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
- WHERE seq IN (SELECT seq FROM ({due}) ORDER BY run_at, seq LIMIT :limit)
-RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost;
+ WHERE seq IN (SELECT seq FROM ({due}) ORDER BY CASE WHEN :ordered THEN k END, rank, seq LIMIT :limit)
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost, priority, takes;
 
 -- name: any_due
 -- Is a job of these queues due? Read before a claim that records no outcome, so that an empty claim takes no lock.
 SELECT 1 FROM ({due}) LIMIT 1;
+
+-- name: first_due
+-- The rank of the job a claim of these queues would take first (the in-process handoff must not jump over it).
+SELECT rank FROM ({due}) ORDER BY rank, seq LIMIT 1;
 
 -- name: claim_seq
 -- Claim one given job (a suspect one, which runs alone).
 UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
  WHERE seq = :seq
-RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost;
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost, priority, takes;
 
 -- name: due
+-- The due jobs of queue :q{i} (its position k = {i}) in due order: run_at - priority * 60.0 (the rank: a job of
+-- priority p runs as if due p minutes earlier, so it cannot starve), then seq. The expression is fh_jobs_due's,
+-- word for word, so the index is read in order; a due job of priority p ranks at most now - p * 60, so the read
+-- stops at now minus 60 times the lowest live priority (fh_jobs_lowered; 0 when none is negative).
 -- Only jobs of the tasks the worker can run (:tasks, a JSON list of names; NULL: any task): a job nobody here
--- can run stays queued for a worker that can.
-SELECT * FROM (SELECT seq, run_at FROM fh_jobs
-                WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now
+-- can run stays queued for a worker that can. Jobs with a limit_key are claimed by their own step (limits, below).
+SELECT * FROM (SELECT seq, run_at - priority * 60.0 AS rank, {i} AS k, run_at FROM fh_jobs
+                WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying')
+                  AND run_at - priority * 60.0 <= :now - 60.0 * coalesce(
+                      (SELECT priority FROM fh_jobs INDEXED BY fh_jobs_lowered
+                        WHERE priority < 0 AND state IN ('queued', 'scheduled', 'retrying')
+                        ORDER BY priority LIMIT 1), 0)
+                  AND run_at <= :now AND limit_key IS NULL
                   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
-                ORDER BY run_at, seq LIMIT :limit)
+                ORDER BY run_at - priority * 60.0, seq LIMIT :limit)
 
 -- name: suspect
 -- The oldest due suspect job (it was running in a worker that died) of these queues and tasks. Suspect jobs come
@@ -44,7 +69,7 @@ SELECT * FROM (SELECT seq, run_at FROM fh_jobs
 -- (:alone), and takes nothing for a busy worker while one waits, so that it drains and takes it.
 -- INDEXED BY: left to itself the planner may read every queued job through fh_jobs_state instead.
 SELECT seq, run_at FROM fh_jobs INDEXED BY fh_jobs_suspect
- WHERE lost > 0 AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now
+ WHERE lost > 0 AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now AND limit_key IS NULL
    AND queue IN (SELECT value FROM json_each(:queues))
    AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
  ORDER BY run_at, seq LIMIT 1
@@ -75,6 +100,26 @@ UPDATE fh_jobs SET state = 'queued', run_at = :now
 -- name: cancel_children
 UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
  WHERE parent = :id AND state = 'waiting' RETURNING id;
+
+-- name: cancel_group_of
+-- The callback of the group whose member :id ended failed or cancelled (groups: migration 009, fh_tasks/flow.py).
+UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
+ WHERE id = (SELECT grp FROM fh_jobs WHERE id = :id) AND state = 'waiting' RETURNING id;
+
+-- name: inputs
+-- What claimed jobs that take results (`takes`; :ids, a JSON list of their ids) get before their own arguments, one
+-- row per input: for 'parent', the result of the previous job of their chain (src NULL: it is gone); for 'group',
+-- the results of the group's members, in member order (their ids grow in member order: fh_tasks.flow sorts them).
+-- ok: the result is JSON text (NULL for a NULL result).
+SELECT * FROM (
+    SELECT j.id AS job, j.takes, p.id AS src, p.state, p.result, json_valid(p.result) AS ok
+      FROM json_each(:ids) AS i JOIN fh_jobs AS j ON j.id = i.value LEFT JOIN fh_jobs AS p ON p.id = j.parent
+     WHERE j.takes IS NOT 'group'
+    UNION ALL
+    SELECT j.id, j.takes, m.id, m.state, m.result, json_valid(m.result)
+      FROM json_each(:ids) AS i JOIN fh_jobs AS j ON j.id = i.value JOIN fh_jobs AS m ON m.grp = j.id
+     WHERE j.takes = 'group')
+ ORDER BY job, src;
 
 -- name: heartbeat
 UPDATE fh_jobs SET lease_until = :lease_until WHERE state = 'running' AND worker = :worker;
@@ -158,9 +203,12 @@ SELECT id, attempts FROM fh_jobs WHERE id IN (SELECT value FROM json_each(:ids))
 -- Run a finished (failed or cancelled) job again, with a fresh set of attempts. `attempts` is the fencing token and
 -- never goes back (a late outcome of an earlier run must stay refused): the runs so far are excused instead, and
 -- `max_attempts` moves on by the job's budget. `lost` stays: a job that was lost with its worker still runs alone.
+-- Not while another job holding its uniqueness key is live (that one does the work).
 UPDATE fh_jobs SET state = 'queued', run_at = :now, excused = attempts, max_attempts = attempts + max_attempts - excused,
        finished_at = NULL, error = NULL, result = NULL
- WHERE id = :id AND state IN ('failed', 'cancelled');
+ WHERE id = :id AND state IN ('failed', 'cancelled')
+   AND (ukey IS NULL OR NOT EXISTS (SELECT 1 FROM fh_jobs AS o WHERE o.ukey = fh_jobs.ukey
+                                     AND o.state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running')));
 
 -- name: progress
 UPDATE fh_jobs SET progress = :progress WHERE id = :id AND state = 'running' AND attempts = :attempt;
@@ -198,8 +246,15 @@ SELECT min(run_at) FROM ({due});
 
 -- name: next_due_one
 -- Of the tasks the worker can run (:tasks, as in `due`): a job nobody here runs must not wake it up in a loop.
-SELECT min(run_at) AS run_at FROM fh_jobs WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying')
-   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+-- The first due job (`due`, limit 1: its run_at is at or before now), else the earliest delayed job or retry
+-- (fh_jobs_later, in run_at order; a run_at that is not a number is never due).
+SELECT min(run_at) AS run_at FROM (
+    SELECT run_at FROM ({due_one})
+    UNION ALL
+    SELECT * FROM (SELECT run_at FROM fh_jobs INDEXED BY fh_jobs_later
+                    WHERE queue = :q{i} AND state IN ('scheduled', 'retrying') AND typeof(run_at) IN ('integer', 'real')
+                      AND limit_key IS NULL AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+                    ORDER BY run_at LIMIT 1))
 
 -- name: parent_state
 SELECT state FROM fh_jobs WHERE id = :id;
@@ -293,10 +348,14 @@ SELECT attempt, state, worker, started_at, ended_at, error FROM fh_attempts WHER
 DELETE FROM fh_jobs WHERE id = :id AND state IN ('succeeded', 'failed', 'cancelled');
 
 -- name: dash_requeue_failed
--- `requeue` for every failed job of a task.
+-- `requeue` for every failed job of a task; of those sharing a uniqueness key, the latest, unless one is live.
 UPDATE fh_jobs SET state = 'queued', run_at = :now, excused = attempts, max_attempts = attempts + max_attempts - excused,
        finished_at = NULL, error = NULL, result = NULL
- WHERE task = :task AND state = 'failed';
+ WHERE task = :task AND state = 'failed'
+   AND (ukey IS NULL OR NOT EXISTS (SELECT 1 FROM fh_jobs AS o WHERE o.ukey = fh_jobs.ukey
+                                     AND o.state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running'))
+                        AND seq = (SELECT max(o.seq) FROM fh_jobs AS o WHERE o.ukey = fh_jobs.ukey AND o.task = :task
+                                                                         AND o.state = 'failed'));
 
 -- name: dash_first_since
 -- The first job created at or after :since, found by bisecting seq (the PK) with this probe: seq grows with time.
@@ -305,3 +364,91 @@ SELECT seq, created_at FROM fh_jobs WHERE seq >= :seq ORDER BY seq LIMIT 1;
 -- name: dash_seq_range
 -- Two subqueries: each min/max alone is read off the end of the table; together in one SELECT they scan it.
 SELECT (SELECT min(seq) FROM fh_jobs), (SELECT max(seq) FROM fh_jobs);
+
+-- name: cron_rows
+-- Periodic tasks (fh_tasks/cron.py): their stored state, all of them (:names NULL) or those in the JSON list.
+SELECT name, expr, tz, next_slot, last_slot, fired_at FROM fh_cron
+ WHERE :names IS NULL OR name IN (SELECT value FROM json_each(:names)) ORDER BY name;
+
+-- name: cron_create
+-- A periodic task's first row; nothing when another scheduler made it first.
+INSERT INTO fh_cron (name, expr, tz, next_slot, updated_at) VALUES (:name, :expr, :tz, :next, :now)
+    ON CONFLICT (name) DO NOTHING RETURNING name;
+
+-- name: cron_move
+-- Compare-and-set: move the next slot only if the row is still what the scheduler read (else another one won).
+UPDATE fh_cron SET expr = :expr, tz = :tz, next_slot = :next, updated_at = :now
+ WHERE name = :name AND expr = :seen_expr AND tz = :seen_tz AND next_slot IS :seen_next RETURNING name;
+
+-- name: cron_fired
+UPDATE fh_cron SET last_slot = :slot, fired_at = :now WHERE name = :name;
+
+-- name: cron_job_exists
+SELECT 1 FROM fh_jobs WHERE id = :id;
+
+-- ---- concurrency and rate limits (fh_tasks/limits.py, migration 008) ---------------------------------------------
+-- Jobs with a limit_key are claimed by a step of their own (`SQLiteStore._claim_limited`) in the claim transaction;
+-- `due` leaves them out.
+
+-- name: limit_running
+-- Running jobs per key and task (the running set is small: fh_jobs_limit_running holds only limited ones).
+SELECT limit_key, task, count(*) FROM fh_jobs INDEXED BY fh_jobs_limit_running
+ WHERE limit_key IS NOT NULL AND state = 'running' GROUP BY limit_key, task;
+
+-- name: limit_closed
+-- Keys whose rate window is closed: no job of theirs may start before `tat`.
+SELECT key, tat FROM fh_limits WHERE tat > :now;
+
+-- name: limited_due
+-- Waiting jobs of limited tasks (:tasks, the ones this worker runs with limits) of these queues due by :until, in
+-- due order, through the index of waiting limited jobs (`lost` is read from the table for the rows returned only).
+-- At most :scan: a read that costs the same whatever backlog a full key has (see `_limited_candidates`).
+SELECT seq, limit_key, task, lost, run_at FROM fh_jobs INDEXED BY fh_jobs_limited
+ WHERE limit_key IS NOT NULL AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :until
+   AND queue IN (SELECT value FROM json_each(:queues)) AND task IN (SELECT value FROM json_each(:tasks))
+ ORDER BY run_at, seq LIMIT :scan;
+
+-- name: limit_keys
+-- The keys with waiting jobs, but those in :blocked, at most :keys of them: one index seek per key (a loose
+-- scan of fh_jobs_limit_waiting), however many jobs each key has waiting.
+WITH RECURSIVE k(key) AS (
+    SELECT (SELECT min(limit_key) FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
+             WHERE limit_key IS NOT NULL AND state IN ('queued', 'scheduled', 'retrying'))
+    UNION ALL
+    SELECT (SELECT min(limit_key) FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
+             WHERE limit_key > k.key AND state IN ('queued', 'scheduled', 'retrying'))
+      FROM k WHERE k.key IS NOT NULL LIMIT :keys)
+SELECT key FROM k WHERE key IS NOT NULL AND key NOT IN (SELECT value FROM json_each(:blocked));
+
+-- name: limited_key_due
+-- `limited_due` for one key.
+SELECT seq, limit_key, task, lost, run_at FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
+ WHERE limit_key = :key AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :until
+   AND queue IN (SELECT value FROM json_each(:queues)) AND task IN (SELECT value FROM json_each(:tasks))
+ ORDER BY run_at, seq LIMIT :scan;
+
+-- name: limit_opens
+-- The earliest time a closed rate window opens for a key with a job waiting for it (due by then, or by now with
+-- :now_only), leaving out full keys (:blocked).
+SELECT min(l.tat) FROM fh_limits AS l
+ WHERE l.tat > :now AND l.key NOT IN (SELECT value FROM json_each(:blocked))
+   AND EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
+                WHERE limit_key = l.key AND state IN ('queued', 'scheduled', 'retrying')
+                  AND run_at <= CASE WHEN :now_only THEN :now ELSE l.tat END
+                  AND queue IN (SELECT value FROM json_each(:queues))
+                  AND task IN (SELECT value FROM json_each(:tasks)));
+
+-- name: claim_seqs
+-- Claim the limited jobs `_claim_limited` chose, by rowid (+state: not through fh_jobs_state).
+UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
+       lease_until = :lease_until, started_at = :now
+ WHERE seq IN (SELECT value FROM json_each(:seqs)) AND +state IN ('queued', 'scheduled', 'retrying')
+RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost, priority, takes;
+
+-- name: limit_start
+-- A job of a rate-limited key started: the next may start `interval` seconds later (GCRA without burst).
+INSERT INTO fh_limits (key, tat) VALUES (:key, :tat) ON CONFLICT (key) DO UPDATE SET tat = max(tat, excluded.tat);
+
+-- name: prune_limits
+-- Rate windows that opened long ago hold nothing any more.
+DELETE FROM fh_limits WHERE tat < :before;

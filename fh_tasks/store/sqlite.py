@@ -14,13 +14,13 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from ..encoding import storable_text
+from ..encoding import decode_args, sql_value, storable_text
 from ..errors import QueueBusy, QueueUnavailable, StoreError
 from ..progress import ProgressBuffer
 from ..records import JobRecord, JobState
@@ -261,18 +261,42 @@ class SQLiteStore:
 
     # -- writes ----------------------------------------------------------------------------------
     def enqueue(self, jobs: Sequence[NewJob]) -> None:
+        """Store `jobs` in one transaction. A job whose uniqueness key (`NewJob.key`) a live job holds (one stored
+        before, or an earlier one of `jobs`) is not stored: its `id` becomes the live job's once committed."""
         if not jobs: return
         if self.durability == "full": return self._group_enqueue(jobs)
         with self._tx("enqueue") as c:
-            self._insert(c, jobs)
+            dup = self._insert(c, jobs)
+        _point_at_live(jobs, dup)
         self._committed()
 
-    def _insert(self, c: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
-        c.executemany(Q["insert"], [(j.id, j.task, j.queue, j.args, j.state, j.max_attempts, j.timeout,
-                                     j.run_at, j.created_at, j.parent, j.owner, j.priority, j.key, j.limit_key,
-                                     j.takes, j.group) for j in jobs])
-        for j in jobs:
-            if j.parent: self._settle_child(c, j)
+    def _insert(self, c: sqlite3.Connection, jobs: Sequence[NewJob]) -> dict[int, str]:
+        """Insert `jobs`; returns {index in `jobs`: the live job's id} for those not stored because a live job holds
+        their key (fh_jobs_ukey; the insert does nothing on that conflict, so concurrent defers never fail). The
+        caller points them at the live job once the transaction commits (`_point_at_live`)."""
+        rows = [(j.id, j.task, j.queue, j.args, _state(j), j.max_attempts, j.timeout, j.run_at, j.created_at,
+                 j.parent, j.owner, j.priority, j.key, j.limit_key, j.takes, j.group) for j in jobs]
+        dup = self._insert_keyed(c, Q["insert"], jobs, rows)
+        for i, j in enumerate(jobs):
+            if j.parent and i not in dup: self._settle_child(c, j)
+        return dup
+
+    def _insert_keyed(self, c: sqlite3.Connection, sql: str, jobs: Sequence[NewJob],
+                      rows: list[tuple[Any, ...]]) -> dict[int, str]:
+        "Run insert `sql` for `rows`: in one call without keys; one by one with, to learn which were duplicates."
+        if all(j.key is None for j in jobs):
+            c.executemany(sql, rows)
+            return {}
+        dup: dict[int, str] = {}
+        for i, (j, row) in enumerate(zip(jobs, rows, strict=True)):
+            if not c.execute(sql, row).rowcount and j.key is not None:
+                dup[i] = str(c.execute(Q["live_key"], {"key": j.key}).fetchone()[0])
+        return dup
+
+    def live_job(self, key: str) -> str | None:
+        "The id of the live (not finished) job holding uniqueness key `key`, or None."
+        rows = self._read(Q["live_key"], {"key": key})
+        return str(rows[0][0]) if rows else None
 
     def _settle_child(self, c: sqlite3.Connection, j: NewJob) -> None:
         "A chained job stored after its parent already ended starts (or is cancelled) at once."
@@ -284,21 +308,44 @@ class SQLiteStore:
             self._cancel_chain(c, j.id, self.clock())
 
     def enqueue_claimed(self, jobs: Sequence[NewJob], claimed: int, worker: str, lease: float,
-                        outcomes: Sequence[Outcome] = ()) -> tuple[int, list[Claim]]:
+                        outcomes: Sequence[Outcome] = (), *, queues: Sequence[str] = (), tasks: str | None = None,
+                        ordered: bool = False) -> tuple[int, list[Claim]]:
         """Store `jobs`, the first `claimed` of them already claimed by `worker`, and record `outcomes`,
-        in one transaction: an in-process worker with free slots takes new jobs without a claim round trip."""
+        in one transaction: an in-process worker with free slots takes new jobs without a claim round trip.
+
+        The claimed ones come in due order (`due`: run_at - priority * 60). Given the worker's `queues` (and `tasks`),
+        a new job is claimed only if no stored due job of those queues would be claimed before it: none ranks at or
+        before it, or (`ordered`: strict or weighted queues) none is due at all. The others are stored as queued and
+        the worker claims in order. A job whose key a live job holds is not stored (see `enqueue`)."""
         now = self.clock()
         with self._tx("enqueue") as c:
             accepted = self._record(c, list(outcomes), now)
+            if claimed and queues: claimed = self._handoff_cut(c, jobs, claimed, queues, tasks, ordered, now)
+            dup: dict[int, str] = {}
             if claimed:
-                c.executemany(Q["insert_claimed"], [(j.id, j.task, j.queue, j.args, j.max_attempts, j.timeout, j.run_at,
-                                                     j.created_at, worker, now + lease, now, j.owner, j.priority,
-                                                     j.key, j.limit_key, j.takes, j.group)
-                                                    for j in jobs[:claimed]])
-            if claimed < len(jobs): self._insert(c, jobs[claimed:])
+                dup = self._insert_keyed(c, Q["insert_claimed"], jobs[:claimed], [
+                    (j.id, j.task, j.queue, j.args, j.max_attempts, j.timeout, j.run_at, j.created_at, worker,
+                     now + lease, now, j.owner, j.priority, j.key, j.limit_key, j.takes, j.group)
+                    for j in jobs[:claimed]])
+            if claimed < len(jobs):
+                dup.update({i + claimed: id for i, id in self._insert(c, jobs[claimed:]).items()})
+        taken = [Claim(j.id, j.task, j.queue, j.args, 1, j.max_attempts, j.timeout, j.created_at, now)
+                 for i, j in enumerate(jobs[:claimed]) if i not in dup]
+        _point_at_live(jobs, dup)
         if claimed < len(jobs): self._committed()
-        return accepted, [Claim(j.id, j.task, j.queue, j.args, 1, j.max_attempts, j.timeout, j.created_at, now)
-                          for j in jobs[:claimed]]
+        return accepted, taken
+
+    def _handoff_cut(self, c: sqlite3.Connection, jobs: Sequence[NewJob], claimed: int, queues: Sequence[str],
+                     tasks: str | None, ordered: bool, now: float) -> int:
+        "How many of the first `claimed` jobs (in due order) may be handed off: see `enqueue_claimed`."
+        queues = self._unpaused(queues)
+        if not queues: return claimed
+        first = c.execute(_per_queue("first_due", "due", len(queues)),
+                          {"now": now, "limit": 1, "tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}}
+                          ).fetchone()
+        if first is None: return claimed
+        if ordered or not isinstance(first[0], (int, float)): return 0
+        return next((i for i, j in enumerate(jobs[:claimed]) if j.run_at - j.priority * 60.0 >= first[0]), claimed)
 
     def _group_enqueue(self, jobs: Sequence[NewJob]) -> None:
         # Group commit: whoever holds the lock commits every batch that queued up behind it in one fsync.
@@ -309,11 +356,13 @@ class SQLiteStore:
             with self._pending_lock: batch, self._pending = self._pending, []
             try:
                 with self._tx("enqueue") as c:
-                    for js, _ in batch: self._insert(c, js)
+                    dups = [self._insert(c, js) for js, _ in batch]
             except BaseException:
                 with self._pending_lock: self._pending = [b for b in batch if b[1] is not done] + self._pending
                 raise
-            for _, ev in batch: ev.set()
+            for (js, ev), dup in zip(batch, dups, strict=True):
+                _point_at_live(js, dup)
+                ev.set()
         self._committed()
 
     def _committed(self) -> None:
@@ -338,38 +387,54 @@ class SQLiteStore:
         return self.finish_and_claim(outcomes, "", (), 0, 0.0)[0]
 
     def finish_and_claim(self, outcomes: Iterable[Outcome], worker: str, queues: Sequence[str], limit: int,
-                         lease: float, *, tasks: str | None = None, alone: bool = True) -> tuple[int, list[Claim]]:
+                         lease: float, *, tasks: str | None = None, alone: bool = True,
+                         ordered: bool = False, limits: Limits | None = None) -> tuple[int, list[Claim]]:
         """Record outcomes and claim the next batch in one transaction: one commit per worker round trip.
         `tasks` (a JSON list of names; None: any) limits the claim to the tasks the worker can run. A due suspect job
         is claimed on its own by a worker with nothing else running (`alone`, the default); a busy worker
-        (`alone=False`) claims nothing then, so that it drains and can take it."""
+        (`alone=False`) claims nothing then, so that it drains and can take it. Jobs are claimed in due order across
+        `queues` (run_at - priority * 60, then seq), or, `ordered`, queue after queue in the order given. Jobs with a
+        limit_key are claimed only under `limits` (the worker's limited tasks: see `_claim_limited`)."""
         outcomes, now = list(outcomes), self.clock()
         if queues: queues = self._unpaused(queues)  # paused queues (the dashboard) are skipped; cached for a second
-        if not outcomes and not self._any_due(queues, tasks, now): return 0, []  # no write lock taken for nothing
+        if not outcomes and not self._any_due(queues, tasks, now, limits): return 0, []  # no lock taken for nothing
         with self._tx("record results and claim jobs") as c:
             accepted = self._record(c, outcomes, now)
-            rows = self._claim_rows(c, worker, queues, limit, lease, now, tasks, alone) if limit > 0 and queues else []
+            rows = self._claim_rows(c, worker, queues, limit, lease, now, tasks, alone, ordered, limits) \
+                if limit > 0 and queues else []
+            if rows and _taking(rows): rows = self._with_inputs(c, rows, now)
         # RETURNING gives rows in no set order: hand them out in the order they were due (whatever a row holds).
-        rows.sort(key=_due_order)
+        if ordered:
+            pos = {q: i for i, q in enumerate(queues)}
+            rows.sort(key=lambda r: (pos.get(r[2], len(pos)), *_due_order(r)))
+        else: rows.sort(key=_due_order)
         claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now, suspect=bool(r[10])) for r in rows]
         return accepted, claims
 
-    def _any_due(self, queues: Sequence[str], tasks: str | None, now: float) -> bool:
+    def _any_due(self, queues: Sequence[str], tasks: str | None, now: float, limits: Limits | None = None) -> bool:
         """A job of these queues (and tasks) is due: a read, which never waits for the write lock. Workers of several
         processes woken by one commit would otherwise each take the lock in turn, and all but one claim nothing."""
         if not queues: return False
-        return bool(self._read(_per_queue("any_due", "due", len(queues)),
-                               {"now": now, "limit": 1, "tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}}))
+        if self._read(_per_queue("any_due", "due", len(queues)),
+                      {"now": now, "limit": 1, "tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}}):
+            return True
+        return bool(limits) and self._limited_due(queues, limits or {}, now)  # jobs with a limit_key: `due` skips them
 
     def _claim(self, c: sqlite3.Connection, worker: str, queues: Sequence[str], limit: int, lease: float, now: float,
-               tasks: str | None, alone: bool) -> list[sqlite3.Row]:
-        p: dict[str, Any] = {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit, "tasks": tasks}
+               tasks: str | None, alone: bool, ordered: bool = False,
+               limits: Limits | None = None) -> list[sqlite3.Row]:
+        p: dict[str, Any] = {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit, "tasks": tasks,
+                             "ordered": int(ordered)}
         # A suspect job (lost with a worker that died) goes first, and alone: see `expire`.
         if (suspect := c.execute(Q["suspect"], {"now": now, "queues": json.dumps(list(queues)), "tasks": tasks})
                 .fetchone()) is not None:
             return c.execute(Q["claim_seq"], {**p, "seq": suspect[0]}).fetchall() if alone else []
-        return c.execute(_per_queue("claim", "due", len(queues)),
-                         {**p, **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall()
+        # Jobs with a limit_key first, as many as their limits let in; `due` leaves them out.
+        limited, alone_now = self._claim_limited(c, p, queues, limits, alone) if limits else ([], False)
+        if alone_now or len(limited) >= limit: return limited
+        return limited + c.execute(_per_queue("claim", "due", len(queues)),
+                                   {**p, "limit": limit - len(limited),
+                                    **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall()
 
     def _claim_rows(self, c: sqlite3.Connection, *args: Any) -> list[sqlite3.Row]:
         """`_claim`, reading text with surrogate escapes. A claimed row holding text that is not UTF-8 (written behind
@@ -456,6 +521,30 @@ class SQLiteStore:
             msg = f"an earlier job in its chain ({parent}) did not succeed"
             err = json.dumps({"type": "Cancelled", "message": msg})
             todo += [r[0] for r in c.execute(Q["cancel_children"], {"id": parent, "now": now, "error": err})]
+            err = json.dumps({"type": "Cancelled", "message": f"a job of its group ({parent}) did not succeed"})
+            todo += [r[0] for r in c.execute(Q["cancel_group_of"], {"id": parent, "now": now, "error": err})]
+
+    def _with_inputs(self, c: sqlite3.Connection, rows: list[Any], now: float) -> list[Any]:
+        """Claimed jobs that take results (`takes`: the result of the previous job of their chain, or the list of their
+        group's results) get them before their own arguments: read here, in the claim's transaction, with one query and
+        only when such a job was claimed; the worker then runs the arguments it is handed as they are. A job whose
+        input cannot be read (not JSON, gone, not succeeded) fails alone here, with an `InputError` saying why."""
+        got: dict[str, list[Any]] = {}
+        for row in c.execute(Q["inputs"], {"ids": json.dumps([r[0] for r in rows if r["takes"] is not None])}):
+            got.setdefault(row[0], []).append(row)
+        out = []
+        for r in rows:
+            if r["takes"] is None: out.append(r); continue
+            try: out.append((*tuple(r)[:3], _prepend(r[3], _input(r["takes"], got.get(r[0], []))), *tuple(r)[4:]))
+            except ValueError as e:
+                msg = storable_text(f"{r[1]}: {e}")
+                log.warning("job %s (%s) failed: InputError: %s", r[0], r[1], msg,
+                            extra={"action": "fail", "job_id": r[0], "task": r[1], "error_type": "InputError"})
+                err = json.dumps({"type": "InputError", "message": msg, "traceback": None})
+                if c.execute(Q["fail"], {"id": r[0], "attempt": r[4], "now": now, "error": err}).rowcount:
+                    self._cancel_chain(c, r[0], now)
+                    self._record_attempts(c, [Outcome("fail", r[0], r[4])], "failed", now)
+        return out
 
     def heartbeat(self, worker: str, lease: float, info: WorkerInfo | None = None) -> int:
         "Extend the leases of `worker`'s jobs and note it is alive (registered again from `info` if forgotten)."
@@ -648,11 +737,13 @@ class SQLiteStore:
         return out
 
     def next_due(self, queues: Sequence[str], tasks: str | None = None) -> float | None:
-        "When the next waiting job of these queues (and tasks, a JSON list) is due (None: nothing waits)."
+        """When the next waiting job of these queues (and tasks, a JSON list) is due (None: nothing waits). While a job
+        is due, a time at or before now (the run_at of the job the claim takes first)."""
         queues = self._unpaused(queues)  # paused queues are skipped
         if not queues: return None
         row = self._read(_per_queue("next_due", "next_due_one", len(queues)),
-                         {"tasks": tasks, **{f"q{i}": q for i, q in enumerate(queues)}})
+                         {"tasks": tasks, "now": self.clock(), "limit": 1,
+                          **{f"q{i}": q for i, q in enumerate(queues)}})
         try: return None if not row or row[0][0] is None else float(row[0][0])
         except (TypeError, ValueError): return None  # only rows whose run_at is not a time: none is ever due
 
@@ -661,6 +752,34 @@ class SQLiteStore:
 
     def integrity(self) -> str:
         return str(self._read("PRAGMA quick_check")[0][0])
+
+    # -- periodic tasks (fh_tasks/cron.py): one row per task in fh_cron, advanced by compare-and-set --------------
+    def cron_rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        "The stored state of periodic tasks (all, or those named): name, expr, tz, next_slot, last_slot, fired_at."
+        p = {"names": None if names is None else json.dumps(list(names))}
+        return [dict(r) for r in self._read(Q["cron_rows"], p)]
+
+    def cron_advance(self, plans: Sequence[dict[str, Any]],
+                     build: Callable[[str, float], NewJob | None]) -> list[NewJob]:
+        """Apply the schedulers' plans (`CronScheduler.plan`) in one transaction: for each, move the task's next slot
+        from what the scheduler read (`seen`; None: no row yet) to `next`, and if that compare-and-set wins and the
+        plan fires a `slot`, store the job `build(name, slot)` makes, in the same transaction. A scheduler that read
+        a row another one has advanced since changes nothing, so two can never both fire a slot; the job's id is
+        derived from (task, slot) and checked too. Returns the jobs stored."""
+        now, fired = self.clock(), []
+        with self._tx("fire periodic tasks") as c:
+            for p in plans:
+                new = {"name": p["name"], "expr": p["expr"], "tz": p["tz"], "next": p["next"], "now": now}
+                if (seen := p["seen"]) is None: won = c.execute(Q["cron_create"], new).fetchone()
+                else: won = c.execute(Q["cron_move"], {**new, "seen_expr": seen["expr"], "seen_tz": seen["tz"],
+                                                       "seen_next": seen["next"]}).fetchone()
+                if won is None or p["slot"] is None or (job := build(p["name"], p["slot"])) is None: continue
+                if c.execute(Q["cron_job_exists"], {"id": job.id}).fetchone(): continue
+                self._insert(c, [job])
+                c.execute(Q["cron_fired"], {"name": p["name"], "slot": p["slot"], "now": now})
+                fired.append(job)
+        if fired: self._committed()
+        return fired
 
     # -- job events (see store/feed.py) ------------------------------------------------------------
     def listen_events(self, listener: str, ttl: float) -> int:
@@ -681,7 +800,107 @@ class SQLiteStore:
         now = self.clock()
         with self._tx("prune job events") as c:
             c.execute(Q["expire_listeners"], {"now": now})
+            c.execute(Q["prune_limits"], {"before": now - 60.0})  # rate windows long open (fh_tasks/limits.py)
             return c.execute(Q["prune_events"], {"keep": keep, "before": now - max_age}).rowcount
+
+    # -- concurrency and rate limits (fh_tasks/limits.py) ------------------------------------------------------------
+    # `limits` maps the names of the limited tasks a worker runs to (concurrency, interval): at most `concurrency`
+    # running jobs per key, starts of one key at least `interval` seconds apart (None: no such limit).
+    def _limit_state(self, rows: Callable[[str, dict[str, Any]], list[Any]], limits: Limits,
+                     now: float) -> tuple[collections.Counter[str], set[str], dict[str, float]]:
+        "(running jobs per key, keys at their concurrency, keys whose rate window is closed -> when it opens)."
+        running: collections.Counter[str] = collections.Counter()
+        tasks_of: dict[str, set[str]] = {}
+        for key, task, n in rows(Q["limit_running"], {}):
+            running[key] += int(n)
+            tasks_of.setdefault(key, set()).add(task)
+        full = {k for k, ts in tasks_of.items()
+                if any((conc := limits.get(t, (None, None))[0]) is not None and running[k] >= conc for t in ts)}
+        return running, full, {str(k): float(t) for k, t in rows(Q["limit_closed"], {"now": now})}
+
+    def _limited_candidates(self, rows: Callable[[str, dict[str, Any]], list[Any]], base: dict[str, Any],
+                            blocked: set[str], want: int) -> Iterator[Any]:
+        """Waiting limited jobs due by `base["until"]`, (seq, key, task, lost, run_at), for a caller that takes what
+        it can and stops: first the earliest in due order (a read of bounded size), then, when those were not
+        enough (their keys full: a backlog), the due jobs of each key not in `blocked` (read as the caller goes on),
+        one seek per key. The cost never grows with the backlog of full keys."""
+        scan = 4 * want + 16
+        found = rows(Q["limited_due"], {**base, "scan": scan})
+        yield from found
+        if len(found) < scan: return
+        seen = {r[0] for r in found}
+        keys = rows(Q["limit_keys"], {"blocked": json.dumps(sorted(blocked)), "keys": scan + len(blocked)})
+        more = [r for (k,) in keys if k not in blocked for r in rows(Q["limited_key_due"], {**base, "key": k,
+                                                                                            "scan": want})]
+        yield from sorted((r for r in more if r[0] not in seen), key=lambda r: (_num(r[4]), r[0]))
+
+    def _claim_limited(self, c: sqlite3.Connection, p: dict[str, Any], queues: Sequence[str], limits: Limits,
+                       alone: bool) -> tuple[list[sqlite3.Row], bool]:
+        """The claim's step for jobs with a limit_key, in its transaction: take, in due order, the due jobs whose key
+        has room (running jobs of the key below its task's concurrency, its rate window open), at most one start per
+        rate-limited key, and move those keys' windows on. Jobs of full keys are passed over, never holding back
+        other keys or tasks. Returns the claimed rows, and whether they are a suspect job that runs alone (nothing
+        else may be claimed beside it)."""
+        now, want = p["now"], p["limit"]
+        def rows(q: str, a: dict[str, Any]) -> list[Any]: return c.execute(q, a).fetchall()
+        running, blocked, closed = self._limit_state(rows, limits, now)
+        blocked |= closed.keys()
+        base = {"until": now, "queues": json.dumps(list(queues)), "tasks": json.dumps(sorted(limits))}
+        taken: collections.Counter[str] = collections.Counter()
+        seqs: list[int] = []
+        opened: dict[str, float] = {}
+        for seq, key, task, lost, _ in self._limited_candidates(rows, base, blocked, want):
+            if seq in seqs: continue
+            conc, interval = limits.get(task, (None, None))
+            if key in blocked or (conc is not None and running[key] + taken[key] >= conc):
+                blocked.add(key)
+                continue
+            if lost:  # a suspect job (lost with a worker that died) runs alone: see `expire`
+                if not alone or seqs: continue
+                self._limits_started(c, {key: now + interval} if interval else {})
+                return rows(Q["claim_seqs"], {**p, "seqs": json.dumps([seq])}), True
+            seqs.append(seq)
+            taken[key] += 1
+            if interval:
+                opened[key] = now + interval
+                blocked.add(key)
+            if len(seqs) >= want: break
+        if not seqs: return [], False
+        self._limits_started(c, opened)
+        return rows(Q["claim_seqs"], {**p, "seqs": json.dumps(seqs)}), False
+
+    def _limits_started(self, c: sqlite3.Connection, opened: dict[str, float]) -> None:
+        if opened: c.executemany(Q["limit_start"], [{"key": k, "tat": t} for k, t in opened.items()])
+
+    def _open_limited(self, limits: Limits, queues: Sequence[str], now: float, until: float) -> Any:
+        """The first waiting limited job due by `until` whose key has room now (no suspect job: it waits for an idle
+        worker), read without the write lock; and the keys that are full, and those whose window is closed."""
+        running, full, closed = self._limit_state(self._read, limits, now)
+        blocked = full | closed.keys()
+        base = {"until": until, "queues": json.dumps(list(queues)), "tasks": json.dumps(sorted(limits))}
+        first = next((r for r in self._limited_candidates(self._read, base, blocked, 1)
+                      if r[1] not in blocked and not r[3]
+                      and ((conc := limits.get(r[2], (None, None))[0]) is None or running[r[1]] < conc)), None)
+        return first, full, closed
+
+    def _limited_due(self, queues: Sequence[str], limits: Limits, now: float) -> bool:
+        "A job with a limit_key could be claimed now (a read: the claim takes no lock for jobs that must wait)."
+        return self._open_limited(limits, queues, now, now)[0] is not None
+
+    def limited_next(self, queues: Sequence[str], limits: Limits | None, *, now_only: bool = False) -> float | None:
+        """When a job with a limit_key may next be claimed: the first waiting job of a key with room falls due, or a
+        key's rate window opens for a job waiting for it (None: no such time; a full key waits for a job to end).
+        `now_only`: only windows that due jobs wait for, or a due job with room (a burst worker waits for them rather
+        than stop)."""
+        queues = self._unpaused(queues)
+        if not limits or not queues: return None
+        now = self.clock()
+        first, full, closed = self._open_limited(limits, queues, now, now if now_only else math.inf)
+        opens = self._read(Q["limit_opens"], {"now": now, "queues": json.dumps(list(queues)), "now_only": int(now_only),
+                                              "tasks": json.dumps(sorted(limits)),
+                                              "blocked": json.dumps(sorted(full))})[0][0]
+        times = [float(t) for t in (opens, first[4] if first else None) if isinstance(t, (int, float))]
+        return min(times) if times else None
 
     # -- the jobs dashboard: paused queues, keyset pages, figures, admin (see ui/dashboard.py) --------------------
     def paused_queues(self, fresh: bool = False) -> frozenset[str]:
@@ -840,6 +1059,8 @@ class SQLiteStore:
         return lo
 
 
+#: The limits a worker claims under: limited task name -> (concurrency, seconds between starts of a key).
+Limits = Mapping[str, tuple[int | None, float | None]]
 #: Seconds a process keeps the set of paused queues before reading it again.
 PAUSED_TTL = 1.0
 #: The run-time histogram reads at most this many of the latest finished jobs (each costs a row read).
@@ -857,6 +1078,43 @@ _STATES = frozenset(s.value for s in JobState if s is not JobState.unknown)
 _KNOWN = ", ".join(f"'{s}'" for s in sorted(_STATES))
 
 
+def _taking(rows: list[Any]) -> bool:
+    "Some claimed row takes results (a claim returns `takes` last; rows without the column take none)."
+    return "takes" in rows[0].keys() and any(r["takes"] is not None for r in rows)
+
+
+def _input(takes: Any, rows: list[Any]) -> str:
+    "The JSON text a job that takes results gets first, from its `inputs` rows; ValueError saying why it cannot."
+    if takes not in ("parent", "group"): raise ValueError(f"it takes {sql_value(takes)}, which fh-tasks does not know")
+    for _, _, src, state, _, ok in rows:
+        of = "the previous job of its chain" if takes == "parent" else "a job of its group"
+        if src is None: raise ValueError(f"{of} is gone (deleted or pruned): there is no result to pass on")
+        if state != "succeeded": raise ValueError(f"{of} ({src}) has not succeeded (it is {state}): no result to pass")
+        if ok == 0: raise ValueError(f"the result of {of} ({src}) cannot be decoded: it is not JSON")
+    texts = ["null" if r[4] is None else r[4] for r in rows]
+    if takes == "group": return "[" + ",".join(texts) + "]"
+    if len(texts) != 1: raise ValueError("the previous job of its chain is gone: there is no result to pass on")
+    return str(texts[0])
+
+
+def _prepend(args: Any, value: str) -> str:
+    """Stored arguments (`encode_args`: `{"args":[...],"kwargs":{...}}`) with the JSON `value` first among the
+    positional ones, spliced as text (nothing decoded). Arguments stored in another shape are decoded, then encoded."""
+    if isinstance(args, str):
+        if args.startswith('{"args":['):
+            rest = args[9:]
+            return '{"args":[' + value + ("" if rest.startswith("]") else ",") + rest
+        if args.startswith('{"kwargs":'): return '{"args":[' + value + "]," + args[1:]
+    try: a, kw = decode_args(args)
+    except ValueError: return str(args)  # the worker fails the job with the reason (`DecodeError`)
+    return json.dumps({"args": [json.loads(value), *a], "kwargs": kw}, ensure_ascii=False)
+
+
+def _state(j: NewJob) -> str:
+    "The state a new job is stored in: a group's callback (`takes='group'`) waits for its members, like a chained job."
+    return "waiting" if j.takes == "group" else j.state
+
+
 def _is_busy(e: sqlite3.OperationalError) -> bool:
     msg = str(e)
     return "locked" in msg or "busy" in msg
@@ -871,16 +1129,27 @@ def _escaped(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.inf
+
+
 def _due_order(r: Any) -> tuple[float, float]:
-    "A claimed row's (run_at, seq), whatever they hold: sorting claims never raises."
+    "A claimed row's (run_at - priority * 60, seq), whatever they hold: sorting claims never raises."
     def num(v: Any) -> float: return float(v) if isinstance(v, (int, float)) else math.inf
-    return num(r[8]), num(r[9])
+    prio = r[11] if isinstance(r[11], (int, float)) else 0
+    return num(r[8]) - prio * 60.0, num(r[9])
+
+
+def _point_at_live(jobs: Sequence[NewJob], dup: dict[int, str]) -> None:
+    "After the commit: the jobs not stored because a live job holds their key take that job's id."
+    for i, id in dup.items(): jobs[i].id = id
 
 
 @functools.lru_cache(maxsize=64)
 def _per_queue(outer: str, inner: str, n: int) -> str:
     "Expand `{due}` in query `outer` into a UNION ALL of query `inner`, once per queue (:q0, :q1, ...)."
-    return Q[outer].replace("{due}", " UNION ALL ".join(Q[inner].replace("{i}", str(i)) for i in range(n)))
+    return Q[outer].replace("{due}", " UNION ALL ".join(Q[inner].replace("{due_one}", Q["due"]).replace("{i}", str(i))
+                                                         for i in range(n)))
 
 
 def _log_lost(id: str, task: Any, state: str, charged: Any, alone: bool, beside: int) -> None:

@@ -98,7 +98,8 @@ def _times(rec: JobRecord, now: float, frac: float | None) -> str | None:
     elapsed = max(0.0, end - rec.started_at)
     text = f"{'took' if rec.done else 'elapsed'} {human_duration(elapsed)}"
     if not rec.done and frac is not None and 0 < frac < 1 and elapsed >= 0.5:
-        text += f" · about {human_duration(elapsed * (1 - frac) / frac)} left"
+        left = elapsed * (1 - frac) / frac  # a tiny fraction done estimates forever: say nothing then
+        if left < 100 * 86400: text += f" · about {human_duration(left)} left"
     return text
 
 

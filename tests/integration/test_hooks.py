@@ -10,6 +10,7 @@ from integration_support import wait_until
 from starlette.testclient import TestClient
 
 from fh_tasks import Decision, Hook, Tasks
+from fh_tasks.limits import Limits
 from fh_tasks.retention import Retention
 from fh_tasks.retry import Retries
 from fh_tasks.testing import drain
@@ -211,12 +212,12 @@ def test_built_in_retries_and_retention_are_hooks_users_can_order_around(make_ta
     # Given a hub with one user hook
     rec = Recorder()
     tasks = make_tasks(workers=0, hooks=[rec])
-    # Then its hooks are the user's first, then the built-in retry rule and retention
-    assert [type(h) for h in tasks.hooks] == [Recorder, Retries, Retention]
+    # Then its hooks are the user's first, then the built-in retry rule, retention and limits
+    assert [type(h) for h in tasks.hooks] == [Recorder, Retries, Retention, Limits]
     # And a hook added before Retries goes in front of it
     class Early(Hook): ...
     tasks.hooks.add(Early(), before=Retries)
-    assert [type(h) for h in tasks.hooks] == [Recorder, Early, Retries, Retention]
+    assert [type(h) for h in tasks.hooks] == [Recorder, Early, Retries, Retention, Limits]
 
 
 def test_retention_prunes_finished_jobs_on_a_worker_tick(make_tasks):

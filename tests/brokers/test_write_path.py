@@ -1,0 +1,107 @@
+"""The broker engines' write path on a real Redis: a worker's success goes out with its next job's `start` (one
+write), or with its keeper's flush when no job follows; a new Dramatiq job's record and message go in one round trip,
+the message exactly as Dramatiq's own enqueue writes it."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fh_tasks import Tasks
+from fh_tasks.engine import EngineSettings
+from fh_tasks.engines.status import StatusStore
+
+
+def test_a_held_command_is_written_with_the_next_one_or_a_flush(status: StatusStore, namespace: str) -> None:
+    # Given this thread's script connection and a command held back
+    w, k1, k2 = status._wire(), status.key("w1"), status.key("w2")
+    held = w.send("SET", k1, "1", defer=True)
+    # Then nothing reached Redis yet
+    assert status.redis.get(k1) is None and w.held == 1
+    # When the next command is sent, both go, and the answers come back in order
+    after = w.send("GET", k1)
+    assert w.read(after) == "1" and w.read(held) in ("OK", b"OK", True) and w.held == 0
+    # When a command is held and no other follows, a flush (the keeper's) writes it
+    w.send("SET", k2, "2", defer=True)
+    status.flush_held()
+    assert status.redis.get(k2) == "2"
+    # And reading a held command's answer writes it first
+    t = w.send("INCR", k2, defer=True)
+    assert w.read(t) == 3
+
+
+@pytest.fixture
+def hub(test_redis: str, namespace: str, tmp_path: Path) -> Iterator[Tasks]:
+    from fh_tasks.engines.dramatiq import DramatiqEngine
+    engine = DramatiqEngine(EngineSettings(broker=test_redis, db=str(tmp_path / "outbox.db"), workers=0, lease=30.0),
+                            namespace=namespace)
+    tasks = Tasks(engine=engine, workers=0)
+
+    @tasks.task(name="wp.add")
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    try: yield tasks
+    finally:
+        r = engine.status.redis
+        for key in r.scan_iter(match=f"dramatiq:*{namespace}*", count=1000): r.delete(key)
+        engine.status.clear()
+        tasks.close()
+
+
+def _state(hub: Tasks, id: str) -> str:
+    rec = hub.engine.status.get(id)
+    return "missing" if rec is None else rec.state.value
+
+
+def test_a_success_goes_with_the_next_start_or_within_a_moment(hub: Tasks) -> None:
+    # Given two stored jobs, run one after the other as a worker runs them (overlap: no wait for the outcome)
+    e: Any = hub.engine
+    add = hub.registry["wp.add"]
+    a, b = (add.new_job((i,), {"b": 1}, add.options) for i in (1, 2))
+    e.status.insert([a, b])
+    assert e.run_job(a.id, "wp.add", [1], {"b": 1}, overlap=True) == "succeeded"
+    # When the next job starts
+    assert e.run_job(b.id, "wp.add", [2], {"b": 1}, overlap=True) == "succeeded"
+    # Then the first one's success was written with it (and answered before it)
+    rec = e.status.get(a.id)
+    assert rec.state.value == "succeeded" and rec.result == 2
+    # And the last one's, with no job after it, is written by the process's keeper within a moment
+    deadline = time.monotonic() + 2.0
+    while _state(hub, b.id) != "succeeded" and time.monotonic() < deadline: time.sleep(0.01)
+    assert _state(hub, b.id) == "succeeded"
+
+
+def test_a_new_dramatiq_job_is_one_message_as_dramatiq_writes_it(hub: Tasks, namespace: str) -> None:
+    import dramatiq
+    e: Any = hub.engine
+    assert e._plain_enqueue  # the status store is the broker's Redis: record and message in one round trip
+    # When a job is deferred outside a request
+    job = hub.registry["wp.add"].defer(20, b=22)
+    # Then its record is queued and exactly one message waits in its Dramatiq queue
+    r, key = e.status.redis, f"dramatiq:{namespace}.default"
+    ids = r.lrange(key, 0, -1)
+    assert _state(hub, job.id) == "queued" and len(ids) == 1
+    # And the message is what Dramatiq's own enqueue would have written
+    m = dramatiq.Message.decode(r.hget(key + ".msgs", ids[0]).encode())
+    assert (m.actor_name, m.queue_name, list(m.args), m.kwargs, m.message_id) == \
+        ("wp.add", f"{namespace}.default", [20], {"b": 22}, job.id)
+    assert m.options == {"redis_message_id": ids[0]}
+
+
+def test_a_middleware_watching_enqueues_sees_each_message(hub: Tasks, namespace: str) -> None:
+    import dramatiq
+    seen: list[tuple[str, str]] = []
+
+    class Watch(dramatiq.Middleware):
+        def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
+            seen.append((message.message_id, message.actor_name))
+
+    e: Any = hub.engine
+    e.broker.add_middleware(Watch())
+    job = hub.registry["wp.add"].defer(1)
+    assert seen == [(job.id, "wp.add")]
+    assert e.status.redis.llen(f"dramatiq:{namespace}.default") == 1
