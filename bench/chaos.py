@@ -169,8 +169,14 @@ def worker_chaos(workdir: Path, *, jobs: int = 3000, kills: int = 12, workers: i
         while killed < kills:
             time.sleep(rnd.uniform(*gap))
             i = rnd.randrange(workers)
-            held = _query(db, "SELECT count(*) FROM fh_jobs WHERE state='running' AND worker LIKE ?",
-                          [f"%:{procs[i].pid}:%"])[0][0]
+            # Aim at a worker at work: a restarted one may still be importing (slowly, on a busy machine); give it up
+            # to a second to claim jobs, so that most kills land while jobs run (the case that matters).
+            until = time.monotonic() + 1.0
+            while True:
+                held = _query(db, "SELECT count(*) FROM fh_jobs WHERE state='running' AND worker LIKE ?",
+                              [f"%:{procs[i].pid}:%"])[0][0]
+                if held or time.monotonic() > until: break
+                time.sleep(0.02)
             procs[i].kill()
             procs[i].wait()
             killed, in_flight = killed + 1, in_flight + (held > 0)
