@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -48,3 +49,15 @@ def uvicorn_server(target: str, *, cwd: Path, env: dict[str, str] | None = None,
             p.terminate()
             try: p.wait(10)
             except subprocess.TimeoutExpired: p.kill(); p.wait()
+
+
+def follow_pages(client: Any, url: str | None = "/tasks/jobs") -> list[str]:
+    "The job ids of the dashboard's job list, following its \"Next page\" links from `url` to the last page."
+    seen: list[str] = []
+    while url:
+        text = client.get(url).text
+        seen += re.findall(r'href="/tasks/jobs/([0-9a-f]{32})"', text)
+        m = re.search(r'<a href="([^"]+)"[^>]*rel="next"|rel="next"[^>]*href="([^"]+)"', text)
+        url = (m.group(1) or m.group(2)).replace("&amp;", "&") if m else None
+    return seen
+

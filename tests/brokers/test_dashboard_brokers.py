@@ -7,7 +7,6 @@ pages over the status store's indexes (a filter of several indexes read within a
 Celery worker process that lists itself with its running jobs and honours a paused queue."""
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from integration.test_dashboard import (  # noqa: F401  (the same tests, collect
     test_secrets_are_redacted_and_hostile_text_is_escaped,
 )
 from starlette.testclient import TestClient
+from support import follow_pages
 
 from fh_tasks import JobState, Tasks
 from fh_tasks.engine import EngineSettings
@@ -92,13 +92,7 @@ def test_keyset_pages_cover_every_job_once_under_every_filter(dash: Callable[...
     other = {b.with_options(queue="default").defer(i).id for i in range(5)}  # task b on queue default: the oldest
     ids = {a.defer(i).id for i in range(70)} | {b.defer(i).id for i in range(50)}
     # Following the pages' "Next page" links shows every job once, newest first
-    seen: list[str] = []
-    url: str | None = "/tasks/jobs"
-    while url:
-        text = ada.get(url).text
-        seen += re.findall(r'href="/tasks/jobs/([0-9a-f]{32})"', text)
-        m = re.search(r'<a href="([^"]+)"[^>]*rel="next"', text)
-        url = m.group(1).replace("&amp;", "&") if m else None
+    seen = follow_pages(ada)
     assert len(seen) == len(set(seen)) == 125 and set(seen) == ids | other
     e = tasks.engine
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fasthtml.common import RedirectResponse, fast_app
 from starlette.testclient import TestClient
-from support import uvicorn_server
+from support import follow_pages, uvicorn_server
 
 from fh_tasks import Tasks
 from fh_tasks.engines.sqlite import SQLiteEngine
@@ -253,13 +253,7 @@ def test_keyset_pages_cover_every_job_once_and_filters_apply(dash):
     def b(i: int) -> int: return i
 
     ids = {a.defer(i).id for i in range(70)} | {b.defer(i).id for i in range(50)}
-    seen: list[str] = []
-    url: str | None = "/tasks/jobs"
-    while url:
-        text = ada.get(url).text
-        seen += re.findall(r'href="/tasks/jobs/([0-9a-f]{32})"', text)
-        m = re.search(r'href="(/tasks/jobs\?before=\d+)"[^>]*rel="next"|rel="next"[^>]*href="([^"]+)"', text)
-        url = (m.group(1) or m.group(2)).replace("&amp;", "&") if m else None
+    seen = follow_pages(ada)
     assert len(seen) == len(set(seen)) == 120 and set(seen) == ids
     # Filters: by task, queue, state and time
     rows, nxt = tasks.engine.page(task=b.name, limit=100)
