@@ -8,26 +8,28 @@ import logging
 import math
 import os
 import random
-import re
 import sqlite3
 import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from ..encoding import decode_args, sql_value, storable_text
+from ..encoding import storable_text
 from ..errors import QueueBusy, QueueUnavailable, StoreError
 from ..progress import ProgressBuffer
 from ..records import JobRecord, JobState
 from . import Claim, NewJob, Outcome, WorkerInfo
+from .dashboard import DashboardQueries
 from .doorbell import Doorbell
 from .feed import SQLiteFeed
+from .inputs import WorkflowInputs, _taking
+from .limited import LimitedClaims, Limits
 from .migrations import SCHEMA_VERSION, apply, stored_version
+from .queries import _KNOWN, _STATES, Q, _lenient
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
@@ -49,19 +51,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 20e-6, 2.5e-4
 _inherited: list[sqlite3.Connection] = []
 
 
-def _load_queries() -> dict[str, str]:
-    text = files(__package__).joinpath("queries.sql").read_text()
-    out: dict[str, str] = {}
-    for chunk in re.split(r"^-- name: ", text, flags=re.M)[1:]:
-        name, _, body = chunk.partition("\n")
-        out[name.strip()] = "\n".join(l for l in body.splitlines() if not l.lstrip().startswith("--")).strip()
-    return out
-
-
-Q = _load_queries()
-
-
-class SQLiteStore:
+class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
     """Jobs in one SQLite file (WAL). Thread-safe: one connection per process, one lock around it.
 
     `durability="normal"` (synchronous=NORMAL) survives any process crash; a power loss may drop the
@@ -524,28 +514,6 @@ class SQLiteStore:
             err = json.dumps({"type": "Cancelled", "message": f"a job of its group ({parent}) did not succeed"})
             todo += [r[0] for r in c.execute(Q["cancel_group_of"], {"id": parent, "now": now, "error": err})]
 
-    def _with_inputs(self, c: sqlite3.Connection, rows: list[Any], now: float) -> list[Any]:
-        """Claimed jobs that take results (`takes`: the result of the previous job of their chain, or the list of their
-        group's results) get them before their own arguments: read here, in the claim's transaction, with one query and
-        only when such a job was claimed; the worker then runs the arguments it is handed as they are. A job whose
-        input cannot be read (not JSON, gone, not succeeded) fails alone here, with an `InputError` saying why."""
-        got: dict[str, list[Any]] = {}
-        for row in c.execute(Q["inputs"], {"ids": json.dumps([r[0] for r in rows if r["takes"] is not None])}):
-            got.setdefault(row[0], []).append(row)
-        out = []
-        for r in rows:
-            if r["takes"] is None: out.append(r); continue
-            try: out.append((*tuple(r)[:3], _prepend(r[3], _input(r["takes"], got.get(r[0], []))), *tuple(r)[4:]))
-            except ValueError as e:
-                msg = storable_text(f"{r[1]}: {e}")
-                log.warning("job %s (%s) failed: InputError: %s", r[0], r[1], msg,
-                            extra={"action": "fail", "job_id": r[0], "task": r[1], "error_type": "InputError"})
-                err = json.dumps({"type": "InputError", "message": msg, "traceback": None})
-                if c.execute(Q["fail"], {"id": r[0], "attempt": r[4], "now": now, "error": err}).rowcount:
-                    self._cancel_chain(c, r[0], now)
-                    self._record_attempts(c, [Outcome("fail", r[0], r[4])], "failed", now)
-        return out
-
     def heartbeat(self, worker: str, lease: float, info: WorkerInfo | None = None) -> int:
         "Extend the leases of `worker`'s jobs and note it is alive (registered again from `info` if forgotten)."
         now = self.clock()
@@ -803,312 +771,6 @@ class SQLiteStore:
             c.execute(Q["prune_limits"], {"before": now - 60.0})  # rate windows long open (fh_tasks/limits.py)
             return c.execute(Q["prune_events"], {"keep": keep, "before": now - max_age}).rowcount
 
-    # -- concurrency and rate limits (fh_tasks/limits.py) ------------------------------------------------------------
-    # `limits` maps the names of the limited tasks a worker runs to (concurrency, interval): at most `concurrency`
-    # running jobs per key, starts of one key at least `interval` seconds apart (None: no such limit).
-    def _limit_state(self, rows: Callable[[str, dict[str, Any]], list[Any]], limits: Limits,
-                     now: float) -> tuple[collections.Counter[str], set[str], dict[str, float]]:
-        "(running jobs per key, keys at their concurrency, keys whose rate window is closed -> when it opens)."
-        running: collections.Counter[str] = collections.Counter()
-        tasks_of: dict[str, set[str]] = {}
-        for key, task, n in rows(Q["limit_running"], {}):
-            running[key] += int(n)
-            tasks_of.setdefault(key, set()).add(task)
-        full = {k for k, ts in tasks_of.items()
-                if any((conc := limits.get(t, (None, None))[0]) is not None and running[k] >= conc for t in ts)}
-        return running, full, {str(k): float(t) for k, t in rows(Q["limit_closed"], {"now": now})}
-
-    def _limited_candidates(self, rows: Callable[[str, dict[str, Any]], list[Any]], base: dict[str, Any],
-                            blocked: set[str], want: int) -> Iterator[Any]:
-        """Waiting limited jobs due by `base["until"]`, (seq, key, task, lost, run_at), for a caller that takes what
-        it can and stops: first the earliest in due order (a read of bounded size), then, when those were not
-        enough (their keys full: a backlog), the due jobs of each key not in `blocked` (read as the caller goes on),
-        one seek per key. The cost never grows with the backlog of full keys."""
-        scan = 4 * want + 16
-        found = rows(Q["limited_due"], {**base, "scan": scan})
-        yield from found
-        if len(found) < scan: return
-        seen = {r[0] for r in found}
-        keys = rows(Q["limit_keys"], {"blocked": json.dumps(sorted(blocked)), "keys": scan + len(blocked)})
-        more = [r for (k,) in keys if k not in blocked for r in rows(Q["limited_key_due"], {**base, "key": k,
-                                                                                            "scan": want})]
-        yield from sorted((r for r in more if r[0] not in seen), key=lambda r: (_num(r[4]), r[0]))
-
-    def _claim_limited(self, c: sqlite3.Connection, p: dict[str, Any], queues: Sequence[str], limits: Limits,
-                       alone: bool) -> tuple[list[sqlite3.Row], bool]:
-        """The claim's step for jobs with a limit_key, in its transaction: take, in due order, the due jobs whose key
-        has room (running jobs of the key below its task's concurrency, its rate window open), at most one start per
-        rate-limited key, and move those keys' windows on. Jobs of full keys are passed over, never holding back
-        other keys or tasks. Returns the claimed rows, and whether they are a suspect job that runs alone (nothing
-        else may be claimed beside it)."""
-        now, want = p["now"], p["limit"]
-        def rows(q: str, a: dict[str, Any]) -> list[Any]: return c.execute(q, a).fetchall()
-        running, blocked, closed = self._limit_state(rows, limits, now)
-        blocked |= closed.keys()
-        base = {"until": now, "queues": json.dumps(list(queues)), "tasks": json.dumps(sorted(limits))}
-        taken: collections.Counter[str] = collections.Counter()
-        seqs: list[int] = []
-        opened: dict[str, float] = {}
-        for seq, key, task, lost, _ in self._limited_candidates(rows, base, blocked, want):
-            if seq in seqs: continue
-            conc, interval = limits.get(task, (None, None))
-            if key in blocked or (conc is not None and running[key] + taken[key] >= conc):
-                blocked.add(key)
-                continue
-            if lost:  # a suspect job (lost with a worker that died) runs alone: see `expire`
-                if not alone or seqs: continue
-                self._limits_started(c, {key: now + interval} if interval else {})
-                return rows(Q["claim_seqs"], {**p, "seqs": json.dumps([seq])}), True
-            seqs.append(seq)
-            taken[key] += 1
-            if interval:
-                opened[key] = now + interval
-                blocked.add(key)
-            if len(seqs) >= want: break
-        if not seqs: return [], False
-        self._limits_started(c, opened)
-        return rows(Q["claim_seqs"], {**p, "seqs": json.dumps(seqs)}), False
-
-    def _limits_started(self, c: sqlite3.Connection, opened: dict[str, float]) -> None:
-        if opened: c.executemany(Q["limit_start"], [{"key": k, "tat": t} for k, t in opened.items()])
-
-    def _open_limited(self, limits: Limits, queues: Sequence[str], now: float, until: float) -> Any:
-        """The first waiting limited job due by `until` whose key has room now (no suspect job: it waits for an idle
-        worker), read without the write lock; and the keys that are full, and those whose window is closed."""
-        running, full, closed = self._limit_state(self._read, limits, now)
-        blocked = full | closed.keys()
-        base = {"until": until, "queues": json.dumps(list(queues)), "tasks": json.dumps(sorted(limits))}
-        first = next((r for r in self._limited_candidates(self._read, base, blocked, 1)
-                      if r[1] not in blocked and not r[3]
-                      and ((conc := limits.get(r[2], (None, None))[0]) is None or running[r[1]] < conc)), None)
-        return first, full, closed
-
-    def _limited_due(self, queues: Sequence[str], limits: Limits, now: float) -> bool:
-        "A job with a limit_key could be claimed now (a read: the claim takes no lock for jobs that must wait)."
-        return self._open_limited(limits, queues, now, now)[0] is not None
-
-    def limited_next(self, queues: Sequence[str], limits: Limits | None, *, now_only: bool = False) -> float | None:
-        """When a job with a limit_key may next be claimed: the first waiting job of a key with room falls due, or a
-        key's rate window opens for a job waiting for it (None: no such time; a full key waits for a job to end).
-        `now_only`: only windows that due jobs wait for, or a due job with room (a burst worker waits for them rather
-        than stop)."""
-        queues = self._unpaused(queues)
-        if not limits or not queues: return None
-        now = self.clock()
-        first, full, closed = self._open_limited(limits, queues, now, now if now_only else math.inf)
-        opens = self._read(Q["limit_opens"], {"now": now, "queues": json.dumps(list(queues)), "now_only": int(now_only),
-                                              "tasks": json.dumps(sorted(limits)),
-                                              "blocked": json.dumps(sorted(full))})[0][0]
-        times = [float(t) for t in (opens, first[4] if first else None) if isinstance(t, (int, float))]
-        return min(times) if times else None
-
-    # -- the jobs dashboard: paused queues, keyset pages, figures, admin (see ui/dashboard.py) --------------------
-    def paused_queues(self, fresh: bool = False) -> frozenset[str]:
-        """The paused queues (workers claim nothing from them). Read at most once a second per process (`fresh`: now),
-        so the claim pays nothing for it; a pause made in another process is honoured within a second."""
-        t = time.monotonic()
-        cached = getattr(self, "_paused", None)
-        if cached is None or fresh or t - cached[0] >= PAUSED_TTL:
-            cached = self._paused = (t, frozenset(str(r[0]) for r in self._read(Q["paused"])))
-        return cached[1]
-
-    def _unpaused(self, queues: Sequence[str]) -> Sequence[str]:
-        "`queues` without the paused ones (the claim, `next_due` and `suspect_due` skip paused queues)."
-        paused = self.paused_queues()
-        return [q for q in queues if q not in paused] if paused else queues
-
-    def pause(self, queue: str) -> None:
-        with self._tx("pause a queue") as c: c.execute(Q["pause"], {"queue": queue, "now": self.clock()})
-        self.paused_queues(fresh=True)
-
-    def resume(self, queue: str) -> None:
-        with self._tx("resume a queue") as c: c.execute(Q["resume"], {"queue": queue})
-        self.paused_queues(fresh=True)
-        self._committed()  # its due jobs can run now
-
-    def counts_by(self) -> list[tuple[str, str, int]]:
-        """(task, state, jobs) for every task and state that has jobs; unknown states as `unknown`. Read through
-        indexes only: totals per task and per state, the tasks of every state but `succeeded` (the bulk, which is
-        what remains), so it costs a pass over two indexes, not over the table."""
-        totals = {str(t): int(n) for t, n in self._read(Q["dash_task_totals"])}
-        out: dict[tuple[str, str], int] = {}
-        for state, _ in self._read(Q["dash_state_totals"]):
-            if state == "succeeded": continue
-            key = state if state in _STATES else JobState.unknown.value
-            for t, n in self._read(Q["dash_state_tasks"], {"state": state}):
-                out[(str(t), key)] = out.get((str(t), key), 0) + int(n)
-        for t, n in totals.items():
-            rest = n - sum(v for (task, _), v in out.items() if task == t)
-            if rest > 0: out[(t, "succeeded")] = rest
-        return [(t, s, n) for (t, s), n in sorted(out.items())]
-
-    def queue_depths(self) -> list[tuple[str, int, float | None]]:
-        "(queue, due jobs, since when the oldest has been due) for every queue with due jobs."
-        return [(str(q), int(n), float(t) if isinstance(t, (int, float)) else None)
-                for q, n, t in self._read(Q["dash_queues"], {"now": self.clock()})]
-
-    def per_minute(self, since: float) -> tuple[dict[int, int], dict[int, int]]:
-        "Succeeded jobs and failed attempts per minute since `since` (minute 0 starts at `since`)."
-        ok = {int(m): int(n) for m, n in self._read(Q["dash_succeeded_per_minute"], {"since": since})}
-        bad = {int(m): int(n) for m, n in self._read(Q["dash_failed_per_minute"], {"since": since})}
-        return ok, bad
-
-    def running_by_worker(self) -> dict[str, int]:
-        return {str(w): int(n) for w, n in self._read(Q["dash_running"]) if w is not None}
-
-    def run_times(self, since: float, buckets: Sequence[float]) -> tuple[list[int], int, float]:
-        """Run times (finished_at - started_at of the last attempt) of the jobs finished since `since` (the latest
-        RUN_TIMES_LAST of them): how many took at most each of `buckets` seconds (cumulative), how many, their sum."""
-        le = ", ".join(f"coalesce(sum(d <= {float(b)!r}), 0)" for b in buckets)
-        row = self._read(f"SELECT {le}{',' if le else ''} count(d), coalesce(sum(d), 0.0) FROM (SELECT finished_at - "
-                         "started_at AS d FROM fh_jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= "
-                         ":since AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT :last)",
-                         {"since": since, "last": RUN_TIMES_LAST})[0]
-        return [int(v) for v in row[:len(buckets)]], int(row[-2]), float(row[-1])
-
-    def run_totals(self) -> tuple[dict[str, int], dict[str, int]]:
-        "Succeeded runs of jobs gone (pruned or deleted) and failed attempts in all, per task (for the run counters)."
-        gone = {str(t): int(n) for t, n in self._read(Q["dash_gone_succeeded"])}
-        return gone, {str(t): int(n) for t, n in self._read(Q["dash_failed_attempts"])}
-
-    def attempts(self, id: str) -> list[dict[str, Any]]:
-        "The failed attempts of a job, oldest first: attempt, state, worker, started_at, ended_at, error (a dict)."
-        from ..records import _error
-        return [{"attempt": r[0], "state": r[1], "worker": r[2], "started_at": r[3], "ended_at": r[4],
-                 "error": _error(r[5])} for r in self._read(Q["dash_attempts"], {"id": id})]
-
-    def delete(self, id: str) -> bool:
-        "Delete a finished job; False when it is not finished (or not there)."
-        with self._tx("delete a job") as c: return c.execute(Q["dash_delete"], {"id": id}).rowcount > 0
-
-    def requeue_failed(self, task: str) -> int:
-        "Queue every failed job of `task` again, with fresh attempts; returns how many."
-        with self._tx("requeue failed jobs") as c:
-            n = int(c.execute(Q["dash_requeue_failed"], {"task": task, "now": self.clock()}).rowcount)
-        if n: self._committed()
-        return n
-
-    def page(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
-             since: float | None = None, before: int | None = None, limit: int = 50) -> list[JobRecord]:
-        """One page of the job list, newest first, without arguments or result (texts cut): the jobs older than the
-        `before` seq (keyset paging, so page 1,000 costs what page 1 does), filtered by state, task, queue and
-        creation time. `JobRecord.raw["seq"]` is the key of the next page."""
-        sql, params = self.page_sql(state=state, task=task, queue=queue, since=since, before=before, limit=limit)
-        if sql is None: return []
-        with self._lock:
-            c = self._connect()
-            try:
-                c.text_factory = _lenient  # one row of bad text must not fail the page
-                try: rows = [dict(r) for r in c.execute(sql, params)]
-                finally: c.text_factory = str
-            except sqlite3.Error as e: raise self._wrap(e, "read") from e
-        out = []
-        for row in rows:
-            rec = JobRecord.from_row(row)
-            rec.raw["seq"] = row["_seq"]
-            out.append(rec)
-        return out
-
-    def page_sql(self, *, state: str | None = None, task: str | None = None, queue: str | None = None,
-                 since: float | None = None, before: int | None = None,
-                 limit: int = 50) -> tuple[str | None, dict[str, Any]]:
-        """The query `page` runs and its parameters (None: nothing can match). The plan is chosen here, not left to
-        the planner: by task, the fh_jobs_task index in seq order; by a state few jobs are in (under a tenth),
-        the fh_jobs_state index, then the page sorted; else the table itself backwards from `before`, where
-        matching rows are dense. A time filter becomes a seq bound (seq grows with time)."""
-        where = ["seq < :before"]
-        p: dict[str, Any] = {"before": before if before is not None else 2 ** 62, "limit": max(1, limit)}
-        if since is not None:
-            if (lo := self._first_seq_since(since)) is None: return None, {}
-            where += ["seq >= :lo", "created_at >= :since"]
-            p.update(lo=lo, since=since)
-        if queue is not None: where.append("queue = :queue"); p["queue"] = queue
-        if state == JobState.unknown.value: where.append(f"state NOT IN ({_KNOWN})")
-        elif state is not None: where.append("state = :state"); p["state"] = state
-        if task is not None: where.append("task = :task"); p["task"] = task
-        cond = " AND ".join(where)
-        if task is not None: index = "INDEXED BY fh_jobs_task"
-        elif state is not None and state != JobState.unknown.value and self._sparse(state): index = "INDEXED BY " \
-                                                                                                    "fh_jobs_state"
-        else: index = "NOT INDEXED"
-        inner = f"SELECT seq FROM fh_jobs {index} WHERE {cond} ORDER BY seq DESC LIMIT :limit"
-        return f"SELECT {_PAGE_COLUMNS} FROM fh_jobs WHERE seq IN ({inner}) ORDER BY seq DESC", p
-
-    def _sparse(self, state: str) -> bool:
-        "Are fewer than a tenth of the jobs in `state`? (counts through the state index, stopping at a tenth)"
-        lo, hi = self._read(Q["dash_seq_range"])[0]
-        if lo is None: return True
-        cap = max(1000, (int(hi) - int(lo) + 1) // 10)
-        n = self._read("SELECT count(*) FROM (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_state WHERE state = :state "
-                       "LIMIT :cap)", {"state": state, "cap": cap})[0][0]
-        return int(n) < cap
-
-    def _first_seq_since(self, since: float, slack: float = 60.0) -> int | None:
-        """A seq at or below that of the first job created at `since` (bisecting the PK; `slack` seconds early, since
-        jobs are stored slightly out of creation order). None when no job is that recent."""
-        lo, hi = self._read(Q["dash_seq_range"])[0]
-        if lo is None: return None
-        lo, hi, t = int(lo), int(hi) + 1, since - slack
-        while lo < hi:
-            mid = (lo + hi) // 2
-            row = self._read(Q["dash_first_since"], {"seq": mid})
-            if not row: hi = mid; continue
-            seq, created = int(row[0][0]), row[0][1]
-            if isinstance(created, (int, float)) and created < t: lo = seq + 1
-            else: hi = mid
-        return lo
-
-
-#: The limits a worker claims under: limited task name -> (concurrency, seconds between starts of a key).
-Limits = Mapping[str, tuple[int | None, float | None]]
-#: Seconds a process keeps the set of paused queues before reading it again.
-PAUSED_TTL = 1.0
-#: The run-time histogram reads at most this many of the latest finished jobs (each costs a row read).
-RUN_TIMES_LAST = 10_000
-#: What the job list reads of a job: no arguments or result, texts cut.
-_PAGE_COLUMNS = ("seq AS _seq, id, task, queue, state, attempts, max_attempts, run_at, created_at, started_at, "
-                 "finished_at, worker, parent, NULL AS args, NULL AS result, substr(progress, 1, 1000) AS progress, "
-                 "CASE WHEN error IS NULL THEN NULL WHEN NOT json_valid(error) THEN substr(error, 1, 1000) "
-                 "WHEN json_type(error) = 'object' THEN json_object('type', substr(json_extract(error, '$.type'), 1, "
-                 "200), 'message', substr(json_extract(error, '$.message'), 1, 1000)) ELSE substr(error, 1, 1000) END "
-                 "AS error")
-
-
-_STATES = frozenset(s.value for s in JobState if s is not JobState.unknown)
-_KNOWN = ", ".join(f"'{s}'" for s in sorted(_STATES))
-
-
-def _taking(rows: list[Any]) -> bool:
-    "Some claimed row takes results (a claim returns `takes` last; rows without the column take none)."
-    return "takes" in rows[0].keys() and any(r["takes"] is not None for r in rows)
-
-
-def _input(takes: Any, rows: list[Any]) -> str:
-    "The JSON text a job that takes results gets first, from its `inputs` rows; ValueError saying why it cannot."
-    if takes not in ("parent", "group"): raise ValueError(f"it takes {sql_value(takes)}, which fh-tasks does not know")
-    for _, _, src, state, _, ok in rows:
-        of = "the previous job of its chain" if takes == "parent" else "a job of its group"
-        if src is None: raise ValueError(f"{of} is gone (deleted or pruned): there is no result to pass on")
-        if state != "succeeded": raise ValueError(f"{of} ({src}) has not succeeded (it is {state}): no result to pass")
-        if ok == 0: raise ValueError(f"the result of {of} ({src}) cannot be decoded: it is not JSON")
-    texts = ["null" if r[4] is None else r[4] for r in rows]
-    if takes == "group": return "[" + ",".join(texts) + "]"
-    if len(texts) != 1: raise ValueError("the previous job of its chain is gone: there is no result to pass on")
-    return str(texts[0])
-
-
-def _prepend(args: Any, value: str) -> str:
-    """Stored arguments (`encode_args`: `{"args":[...],"kwargs":{...}}`) with the JSON `value` first among the
-    positional ones, spliced as text (nothing decoded). Arguments stored in another shape are decoded, then encoded."""
-    if isinstance(args, str):
-        if args.startswith('{"args":['):
-            rest = args[9:]
-            return '{"args":[' + value + ("" if rest.startswith("]") else ",") + rest
-        if args.startswith('{"kwargs":'): return '{"args":[' + value + "]," + args[1:]
-    try: a, kw = decode_args(args)
-    except ValueError: return str(args)  # the worker fails the job with the reason (`DecodeError`)
-    return json.dumps({"args": [json.loads(value), *a], "kwargs": kw}, ensure_ascii=False)
-
 
 def _state(j: NewJob) -> str:
     "The state a new job is stored in: a group's callback (`takes='group'`) waits for its members, like a chained job."
@@ -1118,10 +780,6 @@ def _state(j: NewJob) -> str:
 def _is_busy(e: sqlite3.OperationalError) -> bool:
     msg = str(e)
     return "locked" in msg or "busy" in msg
-
-
-def _lenient(b: bytes) -> str:
-    return b.decode("utf-8", "replace")
 
 
 def _escaped(b: bytes) -> str:
