@@ -146,3 +146,12 @@ def outage(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> It
     try: yield out
     finally: server.stop()
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The dashboard's hostile-text test names a queue after its hostile HTML, which Dramatiq refuses by design
+    (queue names are letters, digits and '._-'): it runs on Celery only, deselected on Dramatiq instead of skipped."""
+    gone = [i for i in items if "hostile_text" in i.name and "[dramatiq" in i.name]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = [i for i in items if i not in gone]
+

@@ -51,8 +51,6 @@ def engine_of(kind: str, url: str, namespace: str, db: str) -> Any:
 @pytest.fixture(params=["celery", "dramatiq"])
 def dash(request: pytest.FixtureRequest, test_redis: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     "As test_dashboard's `dash`: make(**dashboard_options) -> (app, tasks, client as ada), on a broker engine."
-    if request.param == "dramatiq" and "hostile_text" in request.node.name:
-        pytest.skip("Dramatiq refuses a queue named as the test's hostile HTML (letters, digits, '._-' only)")
     made: list[Tasks] = []
 
     def make_dash(engine: Any = None, **kw: Any) -> tuple[Any, Tasks, TestClient]:
