@@ -248,7 +248,8 @@ return out
     "start": r"""
 local id, worker, lease, cap, ttl = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local k = jk(id)
-local h = redis.call('HMGET', k, 'state', 'run_at', 'lease_until', 'attempts', 'max_attempts', 'timeout')
+local h = redis.call('HMGET', k, 'state', 'run_at', 'lease_until', 'attempts', 'max_attempts', 'timeout', 'task',
+                     'created_at', 'progress')
 local st = h[1]
 if not st then return {0, 'missing'} end
 local attempts, maxa = num(h[4]), num(h[5])
@@ -271,12 +272,14 @@ elseif st == 'scheduled' or st == 'retrying' then
     return {0, 'not due'}
   end
 elseif st ~= 'queued' then return {0, st} end
-attempts = redis.call('HINCRBY', k, 'attempts', 1)
-redis.call('HSET', k, 'started_at', string.format('%.6f', NOW), 'worker', worker,
-           'lease_until', string.format('%.6f', NOW + lease))
+-- what move() and event() do, with the fields read above: 6 commands instead of 10 (this is every job's path)
+attempts = attempts + 1
+redis.call('HSET', k, 'attempts', attempts, 'state', 'running', 'started_at', string.format('%.6f', NOW),
+           'worker', worker, 'lease_until', string.format('%.6f', NOW + lease))
 redis.call('ZADD', P .. ':due', NOW + lease, id)
-move(id, st, 'running')
-event(id, 'started')
+redis.call('ZREM', P .. ':state:' .. st, id)
+redis.call('ZADD', P .. ':state:running', h[8] or '0', id)
+event(id, 'started', {h[7], 'running', tostring(attempts), h[9]})
 return {1, attempts, maxa, h[6] or ''}
 """,
     # renew: ARGV[3] lease seconds, then id, attempt pairs. Returns the pairs that no longer hold their job.
