@@ -13,7 +13,7 @@ from typing import Any, Literal
 from .encoding import decode_args, decode_value
 from .errors import JobCancelled, JobFailed
 
-__all__ = ["JobState", "JobRecord", "NewJob", "Claim", "Outcome", "WorkerInfo", "QueueOrder"]
+__all__ = ["JobState", "JobRecord", "NewJob", "Claim", "Outcome", "WorkerInfo", "QueueOrder", "PRIORITY_STEP"]
 
 
 class JobState(str, Enum):
@@ -156,6 +156,11 @@ def _error(stored: Any) -> dict[str, Any] | None:
             "message": m if isinstance(m, str) else "" if m is None else _text(m)}
 
 
+#: Seconds of waiting one unit of priority is worth: a job of priority p is ordered as if it had been due p minutes
+#: earlier (no starvation; docs/flow.md). The due index (migration 007) and the `due` query say the same in SQL.
+PRIORITY_STEP = 60.0
+
+
 @dataclass(slots=True)
 class NewJob:
     "A row to insert: a deferred call not yet stored."
@@ -174,6 +179,11 @@ class NewJob:
     limit_key: str | None = None  #: what the task's concurrency and rate limits count against (None: no limits)
     takes: str | None = None  #: "parent" or "group": the job gets that result (results) before its own arguments
     group: str | None = None  #: a group member: the id of the group's callback job
+
+    @property
+    def rank(self) -> float:
+        "Its place in the due order of its queue (`PRIORITY_STEP`): lower runs first."
+        return self.run_at - self.priority * PRIORITY_STEP
 
     @property
     def state(self) -> str:

@@ -117,7 +117,7 @@ class SQLiteEngine:
                and r.queue not in paused and r.task in self.registry
                and r.limit_key is None]  # a limited job waits for the claim, which counts it
         # In due order (priority first); the store hands off only those no stored due job would be claimed before.
-        due = sorted(due, key=lambda r: r.run_at - r.priority * 60.0)[:w.handoff_slots()]
+        due = sorted(due, key=lambda r: r.rank)[:w.handoff_slots()]
         order: dict[str, Any] = dict(queues=w.queues, tasks=w.task_names(), ordered=w.queue_order.mode != "merged")
         taken = {r.id for r in due}
         rest = [r for r in rows if r.id not in taken]

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .queries import Q
+from .queries import Q, _num
 
 __all__ = ["LimitedClaims", "Limits"]
 
@@ -126,7 +126,3 @@ class LimitedClaims:
                                               "blocked": json.dumps(sorted(full))})[0][0]
         times = [float(t) for t in (opens, first[4] if first else None) if isinstance(t, (int, float))]
         return min(times) if times else None
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) else math.inf

@@ -2,6 +2,7 @@
 rows shares (the states this version knows, a lenient text factory)."""
 from __future__ import annotations
 
+import math
 import re
 from importlib.resources import files
 
@@ -27,3 +28,9 @@ _KNOWN = ", ".join(f"'{s}'" for s in sorted(_STATES))
 
 def _lenient(b: bytes) -> str:
     return b.decode("utf-8", "replace")
+
+
+def _num(v: object) -> float:
+    "A stored number as a float; anything else (text written behind the store's back) sorts last."
+    return float(v) if isinstance(v, (int, float)) else math.inf
+

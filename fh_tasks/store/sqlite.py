@@ -5,7 +5,6 @@ import collections
 import functools
 import json
 import logging
-import math
 import os
 import random
 import sqlite3
@@ -21,7 +20,7 @@ from typing import Any, Literal
 from ..encoding import storable_text
 from ..errors import QueueBusy, QueueUnavailable, StoreError
 from ..progress import ProgressBuffer
-from ..records import JobRecord, JobState
+from ..records import PRIORITY_STEP, JobRecord, JobState
 from . import Claim, NewJob, Outcome, WorkerInfo
 from .dashboard import DashboardQueries
 from .doorbell import Doorbell
@@ -29,7 +28,7 @@ from .feed import SQLiteFeed
 from .inputs import WorkflowInputs, _taking
 from .limited import LimitedClaims, Limits
 from .migrations import SCHEMA_VERSION, apply, stored_version
-from .queries import _KNOWN, _STATES, Q, _lenient
+from .queries import _KNOWN, _STATES, Q, _lenient, _num
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
@@ -335,7 +334,7 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
                           ).fetchone()
         if first is None: return claimed
         if ordered or not isinstance(first[0], (int, float)): return 0
-        return next((i for i, j in enumerate(jobs[:claimed]) if j.run_at - j.priority * 60.0 >= first[0]), claimed)
+        return next((i for i, j in enumerate(jobs[:claimed]) if j.rank >= first[0]), claimed)
 
     def _group_enqueue(self, jobs: Sequence[NewJob]) -> None:
         # Group commit: whoever holds the lock commits every batch that queued up behind it in one fsync.
@@ -787,15 +786,10 @@ def _escaped(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) else math.inf
-
-
 def _due_order(r: Any) -> tuple[float, float]:
-    "A claimed row's (run_at - priority * 60, seq), whatever they hold: sorting claims never raises."
-    def num(v: Any) -> float: return float(v) if isinstance(v, (int, float)) else math.inf
+    "A claimed row's (rank, seq) as `NewJob.rank` has it, whatever the row holds: sorting claims never raises."
     prio = r[11] if isinstance(r[11], (int, float)) else 0
-    return num(r[8]) - prio * 60.0, num(r[9])
+    return _num(r[8]) - prio * PRIORITY_STEP, _num(r[9])
 
 
 def _point_at_live(jobs: Sequence[NewJob], dup: dict[int, str]) -> None:
