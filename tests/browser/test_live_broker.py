@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from browser.test_live_browser import WATCH, failed_requests
+from browser.test_live_browser import failed_requests, send_and_see_the_bar_move
 from support import ROOT, uvicorn_server
 
 from fh_tasks.engine import EngineSettings
@@ -101,16 +101,9 @@ def test_a_job_on_celery_goes_queued_running_succeeded_and_the_bar_advances_over
 
     url, worker, log = broker_app
     failed = failed_requests(page, url)
-    page.goto(url)
-    expect(page.get_by_role("heading", name="Send 40 emails")).to_be_visible()
-    page.evaluate(WATCH)
-    # When the button is pressed (the job goes through the outbox to Redis, and runs in the worker process)
-    page.get_by_role("button", name="Send 40 emails").click()
-    job = page.locator("#jobs .fh-job")
-    expect(job).to_have_attribute("data-state", "running", timeout=20_000)
-    # Then the bar moves while it runs, pushed from the status store's events stream
-    page.wait_for_function("() => { const b = document.querySelector('#jobs progress[value]');"
-                           " return b && Number(b.value) > 0.3 && Number(b.value) < 0.9; }", timeout=15_000)
+    # When the button is pressed (the job goes through the outbox to Redis, and runs in the worker process), Then
+    # the bar moves while it runs, pushed from the status store's events stream
+    job = send_and_see_the_bar_move(page, url, running=20_000, moving=15_000)
     expect(job.locator(".fh-job-cancel")).to_be_visible()
     # And it ends succeeded, with its result and the page's notification
     expect(job).to_have_attribute("data-state", "succeeded", timeout=20_000)
