@@ -33,6 +33,8 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
 fi
 
 # The dev extra: pytest, and what the docs build (mkdocs, mkdocstrings) and the wheel test (build) need.
-"$PY" -c 'import mkdocs, mkdocstrings_handlers.python, build, pytest' 2>/dev/null || "$PY" -m pip install -q -e '.[dev]'
+"$PY" -c 'import mkdocs, mkdocstrings_handlers.python, build, pytest, xdist' 2>/dev/null || "$PY" -m pip install -q -e '.[dev]'
 
-"$PY" -m pytest "$@"
+# Two test processes (pytest-xdist): most tests wait on real servers and processes, so two share two cores well.
+# TEST_PROCS=0 runs everything in this process; ARGS (make test ARGS=...) come after and may override it.
+"$PY" -m pytest -n "${TEST_PROCS:-2}" "$@"

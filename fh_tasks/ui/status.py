@@ -173,7 +173,9 @@ def JobStatus(job: Job | str | JobRecord, hub: Tasks | None = None, every: str =
             box = ".fh-job-events" if live == "sse" else ".fh-job-socket"
             attrs.update(hx_get=f"{prefix}/jobs/{quote(jid, safe='')}/status?{q}",
                          hx_trigger=f"htmx:{live}Open from:closest {box}")
-        attrs["hx_swap"] = "outerHTML"
+        # No settle delay: htmx registers the new element's `sse-swap` listener when it settles (20 ms later by
+        # default), and an event arriving in between (the final state right after a progress update) would be lost.
+        attrs["hx_swap"] = "outerHTML settle:0ms"
     return Div(*parts, id=f"job-{jid}", cls=f"fh-job fh-job-{state}", data_state=state, aria_live="polite", **attrs)
 
 

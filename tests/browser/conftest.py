@@ -64,3 +64,10 @@ def page(chromium: str) -> Iterator[Page]:
             yield p
         finally:
             browser.close()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    "Where a test saves its screenshots: docs/ when asked for (UPDATE_SCREENSHOTS=1; the README shows some), else tmp."
+    import os
+    return HERE.parent.parent / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path

@@ -2,8 +2,6 @@
 SSE), the polled row in human times, and the toast when the job ends."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +28,7 @@ def dashboard(tmp_path: Path, **env: str) -> Iterator[str]:
 
 
 @pytest.mark.browser
-def test_dashboard_button_shows_submit_then_polled_row(page: Page, tmp_path: Path) -> None:
+def test_dashboard_button_shows_submit_then_polled_row(page: Page, tmp_path: Path, shots: Path) -> None:
     from playwright.sync_api import expect
 
     # Given the dashboard polling every 500 ms, and a slow service answering after 300 ms
@@ -50,9 +48,7 @@ def test_dashboard_button_shows_submit_then_polled_row(page: Page, tmp_path: Pat
         expect(page.locator(f'li[data-job="{job_id}"]')).to_contain_text("Requested at", timeout=15_000)
         # And the next polled answer brings this browser's toast
         expect(page.locator(".fh-toast-success")).to_contain_text("task_submit: succeeded", timeout=15_000)
-        update = os.environ.get("UPDATE_SCREENSHOTS") == "1"
-        docs = ROOT / "docs" if update else Path(tempfile.mkdtemp(prefix="fh-shots-"))
-        shot = docs / "live-dashboard.png"
+        shot = shots / "live-dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
     data = shot.read_bytes()
     assert data.startswith(PNG) and len(data) > 1_000

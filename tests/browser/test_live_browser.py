@@ -3,8 +3,7 @@ watch queued -> running -> succeeded and the bar advance without a reload, over 
 running job from the page. Screenshots go to docs/ (the README shows one)."""
 from __future__ import annotations
 
-import os
-import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 EXAMPLES = ROOT / "examples"
-# Screenshots go to docs/ (the README shows one) only when asked for: UPDATE_SCREENSHOTS=1.
-DOCS = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="fh-shots-"))
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 # Records every state and bar value the job's element shows, from the DOM, as htmx swaps it.
@@ -68,7 +65,7 @@ def send_and_see_the_bar_move(page: Page, url: str, running: float, moving: floa
 
 @pytest.mark.parametrize("live", ["sse", "ws"])
 def test_a_job_goes_queued_running_succeeded_and_the_bar_advances_without_a_reload(page: Page, tmp_path: Path,
-                                                                                   live: str) -> None:
+                                                                                   shots: Path, live: str) -> None:
     from playwright.sync_api import expect
 
     # Given the progress example sending 40 emails, 0.08 s each
@@ -79,7 +76,7 @@ def test_a_job_goes_queued_running_succeeded_and_the_bar_advances_without_a_relo
         job = send_and_see_the_bar_move(page, f"{url}/?live={live}", running=10_000, moving=10_000)
         expect(job.locator(".fh-job-times")).to_contain_text("left")
         expect(job.locator(".fh-job-cancel")).to_be_visible()
-        page.screenshot(path=str(DOCS / f"live-status-{live}.png"))
+        page.screenshot(path=str(shots / f"live-status-{live}.png"))
         # And it ends succeeded, with its result, and the page's notification
         expect(job).to_have_attribute("data-state", "succeeded", timeout=20_000)
         expect(job.locator(".fh-job-result")).to_have_text('{"sent": 40}')
@@ -96,7 +93,7 @@ def test_a_job_goes_queued_running_succeeded_and_the_bar_advances_without_a_relo
     assert loaded is True and failed == []
 
 
-def test_cancel_a_running_job_from_the_page(page: Page, tmp_path: Path) -> None:
+def test_cancel_a_running_job_from_the_page(page: Page, tmp_path: Path, shots: Path) -> None:
     from playwright.sync_api import expect
 
     # Given a long send (2,000 emails) running on the page
@@ -111,7 +108,7 @@ def test_cancel_a_running_job_from_the_page(page: Page, tmp_path: Path) -> None:
         # Then it shows cancelled, without the button, and it stays cancelled (the task stopped: no more progress)
         expect(job).to_have_attribute("data-state", "cancelled", timeout=5_000)
         expect(job.locator(".fh-job-cancel")).to_have_count(0)
-        page.screenshot(path=str(DOCS / "live-status-cancelled.png"))
+        page.screenshot(path=str(shots / "live-status-cancelled.png"))
         page.wait_for_timeout(1_500)
         expect(job).to_have_attribute("data-state", "cancelled")
         status = page.request.get(f"{url}/_tasks/jobs/{job.get_attribute('id', timeout=1_000)[4:]}/status")  # type: ignore[index]
@@ -177,3 +174,61 @@ def test_after_a_server_restart_the_page_catches_up_without_a_reload(page: Page,
         # Then the page reconnects by itself and shows the job succeeded, without a reload
         expect(job).to_have_attribute("data-state", "succeeded", timeout=20_000)
         assert page.evaluate("window.__loaded") is True
+
+
+HOLD_APP = '''
+import os, time
+from fasthtml.common import *
+from fh_tasks import JobStatus, Tasks
+from fh_tasks.ui import JobEvents
+
+# A page may let elements settle slowly (CSS transitions): htmx's default settle delay is 20 ms.
+app, rt = fast_app(hdrs=[Meta(name="htmx-config", content='{"defaultSettleDelay": 400}')])
+tasks = Tasks(app, db=os.environ["FH_TASKS_DB"])
+
+@tasks.task
+def hold(flag: str) -> str:
+    while not os.path.exists(flag): time.sleep(0.01)
+    return "released"
+
+@rt
+def send():
+    job = hold.defer(os.environ["FLAG"])
+    return JobStatus(job, live="sse"), job
+
+@rt
+def index():
+    return Titled("Hold", Button("Start", hx_post=send.to(), hx_target="#jobs", hx_swap="afterbegin"),
+                  JobEvents(Div(id="jobs"), hub=tasks))
+'''
+
+
+def test_two_changes_pushed_back_to_back_both_reach_the_page(page: Page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    from fh_tasks.store.sqlite import SQLiteStore
+
+    # Given a job running on a page that follows it over SSE
+    (tmp_path / "holdapp.py").write_text(HOLD_APP)
+    db, flag = tmp_path / "jobs.db", tmp_path / "release"
+    with uvicorn_server("holdapp:app", cwd=tmp_path, env={"FH_TASKS_DB": str(db), "FLAG": str(flag)}) as (url, _):
+        page.goto(url)
+        page.get_by_role("button", name="Start").click()
+        job = page.locator("#jobs .fh-job")
+        expect(job).to_have_attribute("data-state", "running", timeout=10_000)
+        jid = (job.get_attribute("id") or "")[4:]
+        # When changes are pushed while the element the previous one swapped in is still settling (the job's end
+        # 0.1 s after a progress write), Then each reaches the page
+        store = SQLiteStore(db)
+        try:
+            for progress in ("0.6", "0.7"):
+                assert store.set_progress(jid, 1, progress)
+                page.wait_for_function(f"() => document.querySelector('#jobs progress[value=\"{progress}000\"]')",
+                                       timeout=5_000)
+            time.sleep(0.1)
+            assert store.cancel_running(jid)
+        finally:
+            store.close()
+            flag.touch()
+        # (the last one too: the job shows cancelled, not the progress before it)
+        expect(job).to_have_attribute("data-state", "cancelled", timeout=5_000)

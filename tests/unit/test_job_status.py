@@ -72,7 +72,7 @@ def test_the_cancel_button_and_the_live_transports() -> None:
     assert f'hx-post="/_tasks/jobs/{ID}/cancel?o=c"' in out and 'class="fh-job-cancel secondary outline"' in out
     assert f'hx-get="/_tasks/jobs/{ID}/status?o=c"' in out
     sse = html(rec("running", started_at=100.0), live="sse")
-    assert f'sse-swap="fh-job-{ID}"' in sse and 'hx-swap="outerHTML"' in sse and "every" not in sse
+    assert f'sse-swap="fh-job-{ID}"' in sse and 'hx-swap="outerHTML settle:0ms"' in sse and "every" not in sse
     # (and when the page's stream or socket opens again, it fetches its state once)
     assert f'hx-get="/_tasks/jobs/{ID}/status?l=sse"' in sse
     assert 'hx-trigger="htmx:sseOpen from:closest .fh-job-events"' in sse
