@@ -1,7 +1,8 @@
 """Job events: every change of a job's state, attempt or progress, delivered to subscribers in any process.
 
-An engine announces changes through an `EventFeed` (the SQLite engine reads its store's change sequence;
-see `store/feed.py`). The `EventBus` runs the feed only while somebody listens, and hands each event to
+An engine announces changes through an `EventFeed` (the SQLite engine reads its store's change sequence,
+see `store/feed.py`; the broker engines read the status store's stream, see `engines/status_feed.py`), both run by
+one thread (`ThreadFeed`). The `EventBus` runs the feed only while somebody listens, and hands each event to
 callbacks (`subscribe`) and to async iterators (`stream`). Subscribers get the changes made after they
 subscribed; the current state of a job is always `tasks.get(id)`.
 """
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["JobEvent", "EventFeed", "EventBus", "KINDS", "FINAL_KINDS"]
+__all__ = ["JobEvent", "EventFeed", "ThreadFeed", "EventBus", "KINDS", "FINAL_KINDS"]
 
 log = logging.getLogger("fh_tasks.events")
 
@@ -53,6 +54,37 @@ class EventFeed(Protocol):
 
     def stop(self) -> None:
         "Stop publishing and release what `start` took."
+
+
+class ThreadFeed:
+    """An `EventFeed` run by one daemon thread: `start` starts it (again: nothing, until `stop`), `stop` sets `_stop`
+    (the thread's loop watches it) and joins the thread, unless the thread itself stops the feed (a subscriber's
+    callback); a stopped feed may be started again. A subclass gives `_prepare`, and `_stopped` to release more."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, publish: Callable[[list[JobEvent]], None]) -> None:
+        if self._thread is not None: return
+        run = self._prepare(publish)
+        self._stop.clear()
+        self._thread = threading.Thread(target=run, name="fh-tasks-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        th, self._thread = self._thread, None
+        if th is None: return
+        self._stop.set()
+        if th is not threading.current_thread(): th.join(5)
+        self._stopped()
+
+    def _prepare(self, publish: Callable[[list[JobEvent]], None]) -> Callable[[], None]:
+        "In the caller of `start`: take what the feed needs (where to read from), and return what its thread runs."
+        raise NotImplementedError
+
+    def _stopped(self) -> None:
+        "After `stop` ended the thread (not when none ran)."
 
 
 Callback = Callable[[JobEvent], Any]

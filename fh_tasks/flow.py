@@ -235,6 +235,10 @@ def _call(s: Signature, after: _Tail, built: list[tuple[NewJob, Task[Any, Any]]]
     except (TypeError, ValueError) as e:
         got = {"parent": " (after the result of the step before)", "group": " (after the list of the group's results)"}
         raise type(e)(f"workflow {at}: {e}{got.get(takes or '', '')}") from None
+    if new.key is not None:
+        # A duplicate would be replaced by the live job holding the key, which the next step is not linked to.
+        raise ValueError(f"workflow {at}: a step cannot have a uniqueness key (with_options(key={new.key!r})): a "
+                         "duplicate would be replaced by the live job, which the steps after it do not wait for")
     if isinstance(after, list):
         for m in after: m.group = new.id  # the members release (or cancel) their callback
     built.append((new, s.task))

@@ -12,13 +12,12 @@ import logging
 import os
 import socket
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..events import JobEvent
+from ..events import JobEvent, ThreadFeed
 
 if TYPE_CHECKING:
     from .sqlite import SQLiteStore
@@ -35,27 +34,21 @@ LISTENER_TTL = 30.0
 BATCH = 1000
 
 
-class SQLiteFeed:
+class SQLiteFeed(ThreadFeed):
     "An `EventFeed` over a `SQLiteStore` file; `start`/`stop` may be called again after a stop."
 
     def __init__(self, store: SQLiteStore, poll: float = POLL) -> None:
+        super().__init__()
         self.store, self.poll = store, poll
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self, publish: Callable[[list[JobEvent]], None]) -> None:
-        if self._thread is not None: return
+    def _prepare(self, publish: Callable[[list[JobEvent]], None]) -> Callable[[], None]:
+        "Register this process as a listener (the triggers log events from now on); the thread reads from there."
         last = self.store.listen_events(self.id, LISTENER_TTL)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(publish, last), name="fh-tasks-events", daemon=True)
-        self._thread.start()
+        return lambda: self._run(publish, last)
 
-    def stop(self) -> None:
-        th, self._thread = self._thread, None
-        if th is None: return
-        self._stop.set()
-        if th is not threading.current_thread(): th.join(5)
+    def _stopped(self) -> None:
+        "Unregister the listener: the triggers stop keeping events for this process."
         try: self.store.unlisten_events(self.id)
         except Exception: log.warning("could not unregister event listener %s", self.id, exc_info=True)
 

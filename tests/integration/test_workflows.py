@@ -160,6 +160,9 @@ def test_steps_are_checked_when_deferred_and_nothing_is_stored_on_a_mistake(make
     with pytest.raises(ValueError, match="at least one"): group([])
     # A non-JSON argument names the step and the argument
     with pytest.raises(TypeError, match=r"workflow step 1: .*argument 'x'"): chain(one.s({1, 2}), two.s(y=1)).defer()
+    # A step with a uniqueness key (a duplicate would leave the next step waiting for a job never stored)
+    with pytest.raises(ValueError, match=r"workflow step 1: a step cannot have a uniqueness key .*key='k'"):
+        chain(one.with_options(key="k").s(1), two.s(y=1)).defer()
     assert tasks.counts() == {}
     # `fh_tasks.chain` stays the function once `BackgroundTasks` is loaded (no module of that name shadows it)
     import fh_tasks
