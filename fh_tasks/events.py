@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,7 +57,7 @@ class EventFeed(Protocol):
         "Stop publishing and release what `start` took."
 
 
-class ThreadFeed:
+class ThreadFeed(ABC):
     """An `EventFeed` run by one daemon thread: `start` starts it (again: nothing, until `stop`), `stop` sets `_stop`
     (the thread's loop watches it) and joins the thread, unless the thread itself stops the feed (a subscriber's
     callback); a stopped feed may be started again. A subclass gives `_prepare`, and `_stopped` to release more."""
@@ -79,11 +80,11 @@ class ThreadFeed:
         if th is not threading.current_thread(): th.join(5)
         self._stopped()
 
+    @abstractmethod
     def _prepare(self, publish: Callable[[list[JobEvent]], None]) -> Callable[[], None]:
         "In the caller of `start`: take what the feed needs (where to read from), and return what its thread runs."
-        raise NotImplementedError
 
-    def _stopped(self) -> None:
+    def _stopped(self) -> None:  # noqa: B027 (an optional hook: nothing to release by default)
         "After `stop` ended the thread (not when none ran)."
 
 
