@@ -1,5 +1,6 @@
 """fh-tasks on a broker engine against the plain library it runs on, measured in pairs: enqueue (one call per job),
-drain (N queued jobs, one worker process) and cross-process pickup, the two peers alternating within each
+drain (N queued jobs, one worker process; no-op jobs, and again with jobs that make one Redis round trip:
+`drain-io`) and cross-process pickup, the two peers alternating within each
 repetition so that a noisy machine moves both alike (enqueue: in alternating blocks of a tenth of the jobs).
 Ratios are fh-tasks' cost over the plain library's (≤ 1.15 is the goal: "at most 15 % slower"), the median of the
 per-repetition ratios.
@@ -53,8 +54,10 @@ def _enqueue_pair(peers: dict[str, Any], n: int, first: str) -> dict[str, float]
 
 def _once(peer: Any, what: str, s: Settings, jobs: int) -> float:
     "One measurement of `what` (drain or pickup), as a cost (lower is better): seconds per job, or pickup p50 ms."
-    if what == "drain":
-        r = drain.once(peer, 1, jobs, s.drain_budget)
+    if what in ("drain", "drain-io"):
+        peer.io = what == "drain-io"  # the job body: a no-op, or one Redis round trip (bench/io_job.py)
+        try: r = drain.once(peer, 1, jobs, s.drain_budget)
+        finally: peer.io = False
         if r["done"] < jobs: raise RuntimeError(f"{peer.label}: {r['done']}/{jobs} jobs within {s.drain_budget}s")
         return 1 / r["rate"]
     r = pickup.cross_process(peer, replace(s, reps=1))
@@ -65,7 +68,7 @@ def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env) -> dict[st
     plain_key, fh_key = PAIRS[engine]
     peers = {k: load(k, env) for k in (plain_key, fh_key)}
     out: dict[str, Any] = {"pair": [plain_key, fh_key], "reps": reps, "jobs": jobs, "measures": {}}
-    for what in ("enqueue", "drain", "pickup"):
+    for what in ("enqueue", "drain", "drain-io", "pickup"):
         costs: dict[str, list[float]] = {plain_key: [], fh_key: []}
         for rep in range(reps):
             order = (plain_key, fh_key) if rep % 2 == 0 else (fh_key, plain_key)

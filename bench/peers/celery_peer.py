@@ -43,7 +43,7 @@ class CeleryPeer(Peer):
     def put_batches(self, n: int, size: int) -> bool:
         from . import job_arg
         for start in range(0, n, size):
-            group(noop.s(job_arg()) for _ in range(min(size, n - start))).apply_async()
+            group((io if self.io else noop).s(job_arg()) for _ in range(min(size, n - start))).apply_async()
         return True
 
     def worker_commands(self, procs: int) -> list[list[str]]:

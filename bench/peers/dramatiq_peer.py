@@ -43,7 +43,7 @@ class DramatiqPeer(Peer):
 
     def put_batches(self, n: int, size: int) -> bool:
         for start in range(0, n, size):
-            dramatiq.group([noop.message(job_arg()) for _ in range(min(size, n - start))]).run()
+            dramatiq.group([(io if self.io else noop).message(job_arg()) for _ in range(min(size, n - start))]).run()
         return True
 
     def worker_commands(self, procs: int) -> list[list[str]]:

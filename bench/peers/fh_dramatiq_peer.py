@@ -11,6 +11,7 @@ from fh_tasks.engine import EngineSettings
 from fh_tasks.engines.dramatiq import DramatiqEngine
 
 from ..common import PY, flush_redis
+from ..io_job import roundtrip
 from ..probe import record
 from . import Peer, job_arg
 
@@ -20,13 +21,18 @@ THREADS = 8
 
 
 def make_hub() -> Tasks:
-    "A hub on the Dramatiq engine with the benchmark task (`bench.noop`); its outbox file is a temporary one."
+    """A hub on the Dramatiq engine with the benchmark tasks (`bench.noop`; `bench.io`, one Redis round trip); its
+    outbox file is a temporary one."""
     db = os.path.join(tempfile.gettempdir(), f"fh-dramatiq-bench-{os.getpid()}.db")
     tasks = Tasks(engine=DramatiqEngine(EngineSettings(broker=URL, db=db, workers=0), namespace="bench"), workers=0)
 
     @tasks.task(name="bench.noop")
     def noop(arg: dict[str, Any]) -> None:
         record(arg)
+
+    @tasks.task(name="bench.io")
+    def io(arg: dict[str, Any]) -> None:
+        roundtrip(arg)
 
     return tasks
 
@@ -47,7 +53,7 @@ class FhDramatiq(Peer):
         self.rep += 1
         flush_redis(URL)
         self.hub = make_hub()
-        self.t = self.hub.registry["bench.noop"]
+        self.t = self.hub.registry["bench.io" if self.io else "bench.noop"]
 
     def put(self, arg: dict[str, Any]) -> None:
         self.t.defer(arg)
