@@ -34,6 +34,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NESTED = "nested"  # what `_why` says of a list, tuple or dict: look inside
 _int_digits = getattr(sys, "get_int_max_str_digits", lambda: 0)  # Python 3.10 before 3.10.7 has no limit
+_SMALL = 10 ** 600  # an int smaller in size has at most 600 digits: under any limit Python allows (640 and up)
 
 
 def _why(v: Any) -> str | None:
@@ -51,6 +52,23 @@ def _why(v: Any) -> str | None:
         return None if math.isfinite(v) else f"is {v!r} (not finite), which is not JSON-serializable"
     if isinstance(v, (list, tuple, dict)): return _NESTED
     return f"is a {type(v).__name__}, which is not JSON-serializable"
+
+
+def _scalar(v: Any) -> bool:
+    "True for a value `_why` surely passes: an ASCII str, an int of at most 600 digits, a finite float, a bool, None."
+    t = type(v)
+    if t is str: return v.isascii()  # type: ignore[no-any-return]
+    if t is int: return -_SMALL < v < _SMALL  # type: ignore[no-any-return]
+    if t is float: return v - v == 0.0  # type: ignore[no-any-return]  # inf - inf and nan - nan are nan
+    return v is None or t is bool
+
+
+def _plain(v: Any) -> bool:
+    """The common argument, checked fast: a scalar `_scalar` passes, or a small flat dict of them with ASCII keys.
+    False means only "look closer" (`_bad`), not that the value is wrong."""
+    if type(v) is dict:
+        return len(v) <= 32 and all(type(k) is str and k.isascii() and _scalar(x) for k, x in v.items())
+    return _scalar(v)
 
 
 def _surrogate(s: str) -> str | None:
@@ -120,9 +138,11 @@ def encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any], limit:
                 names: list[str] | None = None) -> str:
     "Encode a call's arguments as JSON text, or raise an error naming the task and the argument."
     for i, a in enumerate(args):
+        if _plain(a): continue
         name = names[i] if names and i < len(names) else f"#{i}"
         if (r := _bad(a, f"argument {name!r}")): raise ArgumentError(f"{task}: {r}")
     for k, v in kwargs.items():
+        if _plain(v): continue
         if (r := _bad(v, f"argument {k!r}")): raise ArgumentError(f"{task}: {r}")
     try: text = _dumps({"args": list(args), "kwargs": kwargs} if args else {"kwargs": kwargs})
     except (ValueError, RecursionError) as e: raise ArgumentError(f"{task}: arguments cannot be encoded: {e}") from None
@@ -151,7 +171,7 @@ def decode_args(text: Any) -> tuple[list[Any], dict[str, Any]]:
 def encode_value(value: Any, what: str = "result", limit: int | None = None) -> str:
     "Encode a result or progress value as JSON text; raises `ArgumentError`, or `PayloadTooLarge` over `limit` bytes."
     if value is None: return "null"  # most tasks return nothing
-    check_json(value, what)
+    if not _plain(value): check_json(value, what)
     try: text = _dumps(value)
     except (ValueError, RecursionError) as e: raise ArgumentError(f"{what} cannot be encoded as JSON: {e}") from None
     _limit(text, limit, f"{what} is")

@@ -25,6 +25,8 @@ __all__ = ["Task", "TaskOptions", "Call", "registered", "task_name", "new_id"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: How many call shapes a task remembers as binding (see `Task.new_job`).
+MAX_SHAPES = 64
 # Every task registered in this process, by name: how a process-pool child finds the function.
 _registry: dict[str, Task[Any, Any]] = {}
 
@@ -149,6 +151,9 @@ class Task(Generic[P, R]):
         self.signature = inspect.signature(fn)
         self._names = [p.name for p in self.signature.parameters.values()
                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # Call shapes (how many positional arguments, which keywords) known to bind: whether a call binds depends
+        # on its shape alone, so `defer()` checks each shape once (`signature.bind` costs more than the rest).
+        self._shapes: set[tuple[int, tuple[str, ...]]] = set()
         self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
         self.__module__, self.__wrapped__ = fn.__module__, fn
 
@@ -220,8 +225,11 @@ class Task(Generic[P, R]):
         """Validate a call and build the row to store. `takes` ("parent", "group"): the job gets a result first, at
         run time, so the call is checked with a stand-in for it."""
         first = (None,) if takes else ()
-        try: self.signature.bind(*first, *args, **kwargs)
-        except TypeError as e: raise TypeError(f"{self.name}: {e}") from None
+        shape = (len(first) + len(args), tuple(kwargs))
+        if shape not in self._shapes:
+            try: self.signature.bind(*first, *args, **kwargs)
+            except TypeError as e: raise TypeError(f"{self.name}: {e}") from None
+            if len(self._shapes) < MAX_SHAPES: self._shapes.add(shape)
         text = encode_args(self.name, args, kwargs, self.hub.max_payload, self._names[len(first):])
         now = self.hub.clock()
         return NewJob(id=new_id(), task=self.name, args=text, queue=opts.queue,

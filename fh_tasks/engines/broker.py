@@ -44,6 +44,7 @@ from ..encoding import exception_trace as _trace
 from ..engine import RUN_TIME_BUCKETS, Capabilities, EngineSettings, EngineWorker, Overview
 from ..errors import ArgumentError, JobCancelled, PayloadTooLarge, QueueUnavailable, TaskTimeout
 from ..events import EventBus
+from ..pid import pid
 from ..progress import FLUSH_EVERY
 from ..records import JobRecord, NewJob, WorkerInfo
 from .outbox import Outbox
@@ -607,8 +608,8 @@ class _Keeper:
     def add(self, id: str, attempt: int) -> None:
         with self._lock:
             self._running[(id, attempt)] = None
-            if self._pid != os.getpid():  # first job of this process (a forked pool child starts its own thread)
-                self._pid = os.getpid()
+            if self._pid != pid():  # first job of this process (a forked pool child starts its own thread)
+                self._pid = pid()
                 self._stop = threading.Event()
                 threading.Thread(target=self._run, args=(self._stop,), name="fh-tasks-keeper", daemon=True).start()
 
@@ -647,7 +648,7 @@ _loops: dict[tuple[int, int], asyncio.AbstractEventLoop] = {}
 
 def _loop() -> asyncio.AbstractEventLoop:
     "The event loop async tasks run on in this thread of this process (made on first use)."
-    key = (os.getpid(), threading.get_ident())
+    key = (pid(), threading.get_ident())
     loop = _loops.get(key)
     if loop is None or loop.is_closed(): loop = _loops[key] = asyncio.new_event_loop()
     return loop

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from ..errors import QueueUnavailable, StoreError
+from ..pid import pid
 from ..records import NewJob
 
 __all__ = ["Outbox", "Send"]
@@ -69,7 +70,7 @@ class Outbox:
 
     # -- the table -------------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid(): return self._conn
+        if self._conn is not None and self._pid == pid(): return self._conn
         from ..store.sqlite import SQLiteStore
         store = SQLiteStore(self.path, durability=self.durability)  # creates the file (0600) and runs migrations
         try: store.data_version()

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import QueueUnavailable
+from ..pid import pid
 from ..progress import ProgressBuffer
 from ..records import JobRecord, NewJob
 from .status_dashboard import HEARTBEAT_EVERY as HEARTBEAT_EVERY
@@ -186,13 +187,13 @@ class StatusStore(StatusDashboard):
 
     def flush_held(self) -> None:
         "Write the outcomes this process's threads hold back for their next script (`succeed_soon(defer=True)`)."
-        pid = os.getpid()
+        me = pid()
         for key, w in list(self._wires.items()):
-            if key[0] == pid and w.held: w.flush()
+            if key[0] == me and w.held: w.flush()
 
     def _wire(self) -> _Wire:
         "This thread's connection for scripts (a new one in a forked child)."
-        key = (os.getpid(), threading.get_ident())
+        key = (pid(), threading.get_ident())
         w = self._wires.get(key)
         if w is None:
             live = {t.ident for t in threading.enumerate()}
@@ -436,7 +437,7 @@ class StatusStore(StatusDashboard):
 
     def close(self) -> None:
         for key, w in list(self._wires.items()):
-            if key[0] == os.getpid(): w.conn.disconnect()
+            if key[0] == pid(): w.conn.disconnect()
         self._wires.clear()
         self.redis.close()
 

@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..pid import pid
+
 __all__ = ["Doorbell", "UnsafeFolder"]
 
 log = logging.getLogger("fh_tasks.doorbell")
@@ -204,12 +206,12 @@ class Doorbell:
     def ring(self) -> int:
         "Wake the workers of every other process on this database; returns how many bells rang."
         now = time.monotonic()
-        if now - self._listed > REFRESH or self._listed_pid != os.getpid(): self._list(now)
+        if now - self._listed > REFRESH or self._listed_pid != pid(): self._list(now)
         if not self._peers or self._ringer is None: return 0
-        if self._out is None or self._pid != os.getpid():
+        if self._out is None or self._pid != pid():
             self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._out.setblocking(False)
-            self._pid = os.getpid()
+            self._pid = pid()
         rang = 0
         for name in list(self._peers):
             try:
@@ -227,6 +229,6 @@ class Doorbell:
     def _list(self, now: float) -> None:
         self._listed, own = now, f"{os.getpid()}."
         if self._ringer is not None: self._ringer.close()  # after a fork: this process's copy of the handle
-        self._ringer, self._peers, self._listed_pid = None, [], os.getpid()
+        self._ringer, self._peers, self._listed_pid = None, [], pid()
         self._ringer = self._open(create=False)  # reopened each time: the last worker out may have removed it
         if self._ringer is not None: self._peers = [n for n in self._ringer.bells() if not n.startswith(own)]

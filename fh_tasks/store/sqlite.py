@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from ..encoding import storable_text
 from ..errors import QueueBusy, QueueUnavailable, StoreError
+from ..pid import pid
 from ..progress import ProgressBuffer
 from ..records import PRIORITY_STEP, JobRecord, JobState
 from . import Claim, NewJob, Outcome, WorkerInfo
@@ -130,7 +131,7 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
         return c
 
     def _open(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid(): return self._conn
+        if self._conn is not None and self._pid == pid(): return self._conn
         if self._conn is not None: _inherited.append(self._conn)
         if not self.memory: self._check_path()
         c: sqlite3.Connection | None = None
@@ -273,6 +274,9 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
     def _insert_keyed(self, c: sqlite3.Connection, sql: str, jobs: Sequence[NewJob],
                       rows: list[tuple[Any, ...]]) -> dict[int, str]:
         "Run insert `sql` for `rows`: in one call without keys; one by one with, to learn which were duplicates."
+        if len(rows) == 1 and jobs[0].key is None:
+            c.execute(sql, rows[0])
+            return {}
         if all(j.key is None for j in jobs):
             c.executemany(sql, rows)
             return {}

@@ -5,9 +5,11 @@ import datetime as dt
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fh_tasks import ArgumentError, PayloadTooLarge
-from fh_tasks.encoding import decode_args, encode_args, encode_value
+from fh_tasks.encoding import _bad, _plain, decode_args, encode_args, encode_value
 
 BAD = [
     pytest.param(object(), "object", id="object"),
@@ -166,3 +168,40 @@ def test_payload_limit_counts_bytes_not_characters(make_tasks):
     with pytest.raises(PayloadTooLarge, match=r"accented: arguments are 1\d\d bytes encoded"):
         accented.defer("é" * 60)
     assert tasks.counts() == {}
+
+
+def test_a_wrong_call_still_fails_after_right_calls_of_the_same_task(make_tasks):
+    # Given a task already deferred with a call that binds (defer() checks each call shape once)
+    tasks = make_tasks(workers=0)
+
+    @tasks.task(name="shapes")
+    def shapes(to: str, cc: str = "", /, *, bcc: str = "") -> None: ...
+
+    shapes.defer("a")
+    shapes.defer("a", "b", bcc="c")
+    # When calls of other shapes come: too many positional arguments, a positional-only one by keyword, a typo
+    for call, needle in [(lambda: shapes.defer("a", "b", "c"), "too many positional arguments"),
+                         (lambda: shapes.defer(to="a"), "positional only"),
+                         (lambda: shapes.defer("a", bc="c"), "unexpected keyword argument 'bc'")]:
+        # Then each still raises, every time, and stores nothing
+        for _ in range(2):
+            with pytest.raises(TypeError) as e: call()
+            assert str(e.value).startswith("shapes: ") and needle in str(e.value)
+    assert tasks.counts() == {"queued": 2}
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(),
+                     st.integers(min_value=10 ** 590, max_value=10 ** 4400), st.just(math.inf), st.just("\ud800"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_scalars, st.dictionaries(st.one_of(st.text(), st.integers(), st.none(), st.booleans()), _scalars,
+                                           max_size=40),
+                 st.lists(_scalars, max_size=3)))
+def test_the_fast_check_passes_only_what_the_full_check_passes(value):
+    # Given any scalar or flat dict (keys of any kind), including values that cannot be stored
+    # When the fast check of common arguments passes it
+    # Then the full check finds nothing wrong with it either, and it encodes
+    if _plain(value):
+        assert _bad(value, "v") is None
+        encode_args("t", (value,), {})
