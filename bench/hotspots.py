@@ -6,12 +6,17 @@
 2. The store alone: one finish_and_claim round by batch size, with and without WAL auto-checkpoints.
 3. Handing a no-op to a thread: `loop.run_in_executor` per job vs a batched hand-off (one loop wake-up per batch).
 4. One `defer()` outside a request: building the job vs storing it.
+5. What bounds enqueue: one `defer()` per commit and `defer_many` per job on the full schema, against the same calls on
+   copies of the store without the per-task index (the dashboard's `fh_jobs_task`), without the trigger that writes
+   job events (`fh_jobs_stored`), and without every secondary index and trigger (the floor of a row on this
+   machine); the stores take turns in blocks within one process, so a noisy machine moves them alike.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import queue
+import sqlite3
 import tempfile
 import threading
 import time
@@ -150,6 +155,56 @@ def enqueue_split(d: Path, n: int = 5_000) -> None:
     hub.store.close()
 
 
+#: Copies of the store for `enqueue_bounds`: what each drops from the full schema.
+BOUNDS = {"full schema": (), "no fh_jobs_task index": ("index fh_jobs_task",),
+          "no fh_jobs_stored trigger": ("trigger fh_jobs_stored",),
+          "neither": ("index fh_jobs_task", "trigger fh_jobs_stored"),
+          "no secondary index or trigger": ("all",)}
+
+
+def _stripped(path: str, drop: tuple[str, ...]) -> None:
+    c = sqlite3.connect(path)
+    if drop == ("all",):
+        drop = tuple(f"{t} {n}" for t, n in c.execute(
+            "SELECT type, name FROM sqlite_master WHERE tbl_name = 'fh_jobs' AND type IN ('index', 'trigger') "
+            "AND name NOT LIKE 'sqlite_autoindex%'"))
+    for what in drop: c.execute(f"DROP {what}")
+    c.commit()
+    c.close()
+
+
+def enqueue_bounds(d: Path, blocks: int = 40, size: int = 250, batch: int = 500) -> None:
+    tasks = {}
+    for name, drop in BOUNDS.items():
+        hub = make_hub(str(d / f"bounds-{len(tasks)}.db"))
+        t = hub.registry["bench.noop"]
+        t.defer(job_arg())  # the store exists, with its schema
+        _stripped(hub.store.path, drop)
+        tasks[name] = t
+    single, bulk = dict.fromkeys(tasks, 0.0), dict.fromkeys(tasks, 0.0)
+    names = list(tasks)
+    for b in range(blocks):
+        for name in (names if b % 2 == 0 else names[::-1]):
+            t = tasks[name]
+            t0 = time.perf_counter()
+            for _ in range(size): t.defer(job_arg())
+            t1 = time.perf_counter()
+            t.defer_many([(job_arg(),) for _ in range(batch)])
+            single[name] += t1 - t0
+            bulk[name] += time.perf_counter() - t1
+    full_single, full_bulk = single["full schema"], bulk["full schema"]
+    for name in names:
+        us1, usb = single[name] / (blocks * size) * 1e6, bulk[name] / (blocks * batch) * 1e6
+        print(f"  {name:30} defer() {us1:6.1f} us ({1e6 / us1:7,.0f}/s, {full_single / single[name]:4.2f}x full)   "
+              f"defer_many {usb:5.1f} us/job ({1e6 / usb:7,.0f}/s, {full_bulk / bulk[name]:4.2f}x full)")
+    t = tasks["no secondary index or trigger"]
+    t0 = time.perf_counter()
+    news = [t.new_job((job_arg(),), {}, t.options) for _ in range(blocks * batch)]
+    build = (time.perf_counter() - t0) / len(news) * 1e6
+    print(f"  of which building a checked job (signature, JSON, id): {build:4.1f} us")
+    for t in tasks.values(): t.hub.store.close()
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fh-hotspots-") as tmp:
         d = Path(tmp)
@@ -159,6 +214,7 @@ def main() -> None:
         print("2. store round trip"); store_rounds(d)
         print("3. thread hand-off"); thread_handoff()
         print("4. enqueue"); enqueue_split(d)
+        print("5. what bounds enqueue"); enqueue_bounds(d)
         probe.reset()
 
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def forget(engine: Any) -> None:
@@ -23,3 +27,12 @@ def forget(engine: Any) -> None:
                 with contextlib.suppress(Exception): conn.channel().queue_delete(q)
                 with contextlib.suppress(Exception): conn.channel().exchange_delete(q)  # Celery's, named as the queue
     except Exception: pass
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    "Poll `cond` until it returns a true value (returned), or fail naming `what` after `timeout` seconds."
+    deadline = time.monotonic() + timeout
+    while not (v := cond()):
+        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
+        time.sleep(0.02)
+    return v

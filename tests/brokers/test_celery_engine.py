@@ -11,10 +11,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from broker_support import forget
+from broker_support import forget, wait_until
 from celery_app import make
 from fasthtml.common import P, fast_app
 from starlette.testclient import TestClient
@@ -24,16 +24,6 @@ from fh_tasks import JobState, Tasks
 from fh_tasks.engine import EngineSettings
 from fh_tasks.engines.celery import CeleryEngine
 from fh_tasks.errors import FhTasksError, Unsupported
-
-T = TypeVar("T")
-
-
-def wait_until(cond: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while not (v := cond()):
-        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
-        time.sleep(0.02)
-    return v
 
 
 def lines(path: Path) -> list[str]:

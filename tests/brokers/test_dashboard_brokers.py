@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_support import forget
+from broker_support import forget, wait_until
 from celery_app import make
 from fasthtml.common import fast_app
 from integration.test_dashboard import (  # noqa: F401  (the same tests, collected here on this module's `dash`)
@@ -67,14 +67,6 @@ def dash(request: pytest.FixtureRequest, test_redis: str, tmp_path: Path) -> Ite
     for t in made:
         forget(t.engine)
         t.close()
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (v := cond()):
-        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
-        time.sleep(0.02)
-    return v
 
 
 def test_keyset_pages_cover_every_job_once_under_every_filter(dash: Callable[..., Any],
