@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from worker_support import FH_TASKS, cli, enqueue, env_for, make_db, running, start_worker, stop, write_modules
 
-from fh_tasks.cli import BACKOFF, STABLE, _backoff
+from fh_tasks.cli.workers import BACKOFF, STABLE, backoff
 from fh_tasks.store import NewJob
 from fh_tasks.store.sqlite import SQLiteStore
 
@@ -235,7 +235,7 @@ def test_the_backoff_doubles_to_its_cap_and_resets_after_a_stable_run() -> None:
     first, cap = BACKOFF
     d, seen = None, []
     for _ in range(12):
-        d = _backoff(d, uptime=0.1)
+        d = backoff(d, uptime=0.1)
         seen.append(d)
     assert seen[:4] == [first, first * 2, first * 4, first * 8] and seen[-1] == cap and max(seen) == cap
-    assert _backoff(cap, uptime=STABLE) == first and _backoff(cap, uptime=STABLE - 1) == cap
+    assert backoff(cap, uptime=STABLE) == first and backoff(cap, uptime=STABLE - 1) == cap
