@@ -202,6 +202,20 @@ def machine() -> dict[str, Any]:
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "wrk": _cmd_version(["wrk", "-v"])}
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    "(steal, total) CPU ticks of all cores since boot, from /proc/stat; None where there is no /proc/stat."
+    try: f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError): return None
+    return (f[7] if len(f) > 7 else 0), sum(f)
+
+
+def steal_since(start: tuple[int, int] | None) -> float | None:
+    "The share (%) of CPU time the hypervisor took from this machine since `start` (`cpu_ticks()`)."
+    end = cpu_ticks()
+    if start is None or end is None or end[1] <= start[1]: return None
+    return round(100 * (end[0] - start[0]) / (end[1] - start[1]), 1)
+
+
 def source_revision() -> dict[str, Any]:
     "The git commit of the tree measured, and whether fh_tasks/ had uncommitted changes."
     def git(*args: str) -> str:

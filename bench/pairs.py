@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import drain, pickup
-from .common import Settings, ensure_redis, log
+from .common import Settings, cpu_ticks, ensure_redis, log, steal_since
 from .peers import Env, job_arg, load
 
 #: engine -> (plain peer, fh-tasks peer)
@@ -103,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["BENCH_REDIS"] = redis
     s = replace(Settings.full(), enqueue_single=a.enqueue, drain_budget=60.0, pickup_seconds=3.0)
     log(f"{a.engine}: fh-tasks vs plain, {a.reps} paired repetitions, Redis {redis}, load {os.getloadavg()[0]:.2f}")
+    ticks = cpu_ticks()
     try: res = measure(a.engine, a.reps, a.jobs, s, Env(workdir, redis))
     finally:
         if proc is not None: proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     res["load_avg_after"] = os.getloadavg()
+    res["steal_pct"] = steal_since(ticks)  # CPU time the hypervisor took during the run (a shared host)
+    log(f"the hypervisor took {res['steal_pct']} % of the CPU time during the run (steal)")
     if a.out: Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 

@@ -302,6 +302,15 @@ def tables(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _steal_line(meta: dict[str, Any]) -> list[str]:
+    "The CPU time the hypervisor took during the run (`/proc/stat` steal): figures drop with it, ratios hold better."
+    st = meta.get("steal_pct") or {}
+    if st.get("run") is None: return []
+    parts = ", ".join(f"{k} {v} %" for k, v in st.items() if k != "run" and v is not None)
+    return [f"- CPU time taken by the hypervisor during the run (steal, `/proc/stat`): {st['run']} %"
+            + (f" (by section: {parts})" if parts else "")]
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, s, mc = res["meta"], res["settings"], res["meta"]["machine"]
     mode = ("quick (1 repetition, smaller sizes: each cell is one run)" if s["quick"]
@@ -319,7 +328,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"{m['sqlite_default_synchronous']}); "
              + (f"Redis {m['redis_version']} at {m['redis']}" if m['redis'] else "no Redis (not needed)")
              + f"; {mc['wrk']}",
-             "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
+             "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+             *_steal_line(m), "",
              "## Results", "", *tables(res), "## Notes", "", *[f"- {n}" for n in res["notes"]], ""]
     return "\n".join(lines)
 

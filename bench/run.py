@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .common import ROOT, Settings, ensure_redis, log, machine, redis_version, source_revision, versions
+from .common import (
+    ROOT,
+    Settings,
+    cpu_ticks,
+    ensure_redis,
+    log,
+    machine,
+    redis_version,
+    source_revision,
+    steal_since,
+    versions,
+)
 
 SECTIONS = ("load", "request", "enqueue", "drain", "pickup", "memory", "cpu", "events")
 #: Sections that measure peers on Redis; a run of the others needs no Redis server (nor the redis package).
@@ -185,14 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             "sections": only, "peers": peers, "private_redis": redis_proc is not None}
     res: dict[str, Any] = {"meta": meta, "settings": asdict(s), "errors": {}, "notes": list(NOTES)}
     log(f"fh-tasks benchmark ({'quick' if s.quick else 'full'}), work dir {workdir}, Redis {redis or 'not needed'}")
+    meta["steal_pct"] = steal = {}  # CPU time taken by the hypervisor (a shared host), per section and overall
+    run_ticks = cpu_ticks()
     try:
         for name in only:
             log(f"-- {name}")
+            ticks = cpu_ticks()
             try:
                 res[name] = RUNNERS[name](s, workdir, peers)
             except Exception as e:
                 log(f"  {name}: FAILED: {e}")
                 res["errors"][name] = traceback.format_exc()[-3000:]
+            steal[name] = steal_since(ticks)
+            if steal[name]: log(f"  {name}: the hypervisor took {steal[name]} % of the CPU time (steal)")
+        steal["run"] = steal_since(run_ticks)
     finally:
         if redis_proc is not None: redis_proc.stop()
         if not a.keep: shutil.rmtree(workdir, ignore_errors=True)
