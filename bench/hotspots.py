@@ -8,8 +8,9 @@
 4. One `defer()` outside a request: building the job vs storing it.
 5. What bounds enqueue: one `defer()` per commit and `defer_many` per job on the full schema, against the same calls on
    copies of the store without the per-task index (the dashboard's `fh_jobs_task`), without the trigger that writes
-   job events (`fh_jobs_stored`), and without every secondary index and trigger (the floor of a row on this
-   machine); the stores take turns in blocks within one process, so a noisy machine moves them alike.
+   job events (`fh_jobs_stored`), and without every trigger and secondary index but the one the insert needs (the
+   uniqueness key's `fh_jobs_ukey`): the floor of a row on this machine. The stores take turns in blocks within one
+   process, so a noisy machine moves them alike.
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def _stripped(path: str, drop: tuple[str, ...]) -> None:
     if drop == ("all",):
         drop = tuple(f"{t} {n}" for t, n in c.execute(
             "SELECT type, name FROM sqlite_master WHERE tbl_name = 'fh_jobs' AND type IN ('index', 'trigger') "
-            "AND name NOT LIKE 'sqlite_autoindex%'"))
+            "AND name NOT LIKE 'sqlite_autoindex%' AND name != 'fh_jobs_ukey'"))  # the insert's ON CONFLICT needs it
     for what in drop: c.execute(f"DROP {what}")
     c.commit()
     c.close()
