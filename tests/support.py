@@ -1,4 +1,4 @@
-"""Helpers shared by the tests (import as `from support import ...`): ports and real uvicorn servers."""
+"""Helpers shared by the tests (import as `from support import ...`): bounded waits, ports and real uvicorn servers."""
 from __future__ import annotations
 
 import os
@@ -7,13 +7,23 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+T = TypeVar("T")
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> T:
+    "Poll `cond` every `interval` seconds until it returns a true value (returned); fail naming `what` after `timeout`."
+    deadline = time.monotonic() + timeout
+    while not (v := cond()):
+        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
+        time.sleep(interval)
+    return v
 
 
 def free_port() -> int:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import support
 
 T = TypeVar("T")
 
@@ -30,9 +31,5 @@ def forget(engine: Any) -> None:
 
 
 def wait_until(cond: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    "Poll `cond` until it returns a true value (returned), or fail naming `what` after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while not (v := cond()):
-        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
-        time.sleep(0.02)
-    return v
+    "`support.wait_until` for broker round trips: a longer default timeout, polled every 20 ms."
+    return support.wait_until(cond, timeout, what, interval=0.02)

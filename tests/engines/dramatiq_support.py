@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engines_support import DB_ENV, ENGINE_ENV, ENGINES, HERE, ROOT, WORKER_TARGET, Engine, Unavailable, WorkerProcess
+from engines_support import DB_ENV, ENGINE_ENV, ENGINES, WORKER_PATH, WORKER_TARGET, Engine, Unavailable, WorkerProcess
 
 from fh_tasks import Tasks
 from fh_tasks.engine import EngineSettings
@@ -102,7 +102,7 @@ class DramatiqEngine(Engine):
         cwd = self.dir / f"worker-{n}"  # its own directory: the outbox file there is its own
         cwd.mkdir(exist_ok=True)
         log = self.dir / f"worker-{n}.log"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "PYTHONPATH": WORKER_PATH, "PYTHONUNBUFFERED": "1",
                ENGINE_ENV: self.name, DB_ENV: str(cwd / "outbox.db"), NS_ENV: self.namespace,
                BROKER_ENV: self.broker, STATUS_ENV: self.status}
         with open(log, "ab") as out:

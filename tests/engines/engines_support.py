@@ -14,12 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import support
 from contract_tasks import ContractTasks, register
 
 from fh_tasks import Tasks
@@ -28,6 +28,8 @@ from fh_tasks.testing import drain
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENGINE_ENV, DB_ENV = "FH_TASKS_CONTRACT_ENGINE", "FH_TASKS_CONTRACT_DB"
+# What a worker process imports from: the package, these modules, and tests/ (pytest's `pythonpath`).
+WORKER_PATH = os.pathsep.join([str(ROOT), str(HERE), str(HERE.parent)])
 #: The module:attribute worker processes serve.
 WORKER_TARGET = "contract_worker:tasks"
 T = TypeVar("T")
@@ -111,7 +113,7 @@ class SQLiteEngine(Engine):
 
     def start_worker(self, *, lease: float = 1.0, concurrency: int = 4) -> WorkerProcess:
         log = self.dir / f"worker-{len(self.workers)}.log"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "PYTHONPATH": WORKER_PATH, "PYTHONUNBUFFERED": "1",
                ENGINE_ENV: self.name, DB_ENV: self.db}
         with open(log, "ab") as out:
             p = subprocess.Popen([sys.executable, "-m", "fh_tasks", "worker", WORKER_TARGET, "--db", self.db,
@@ -149,12 +151,8 @@ def site(engine: Engine, **kw: Any) -> tuple[Any, Any, Tasks, ContractTasks]:
 
 
 def wait_until(cond: Callable[[], T], timeout: float = 20.0, what: str = "condition", interval: float = 0.01) -> T:
-    "Poll `cond` until it returns something truthy; fail naming `what` after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while not (v := cond()):
-        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s (last: {v!r})")
-        time.sleep(interval)
-    return v
+    "`support.wait_until`, with the contract suite's longer default timeout."
+    return support.wait_until(cond, timeout, what, interval)
 
 
 # Broker engines live in modules of their own, which import this one and add themselves to ENGINES.

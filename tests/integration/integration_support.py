@@ -7,14 +7,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import support
+
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    "Poll `pred` until it returns something truthy; fail after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while not (v := pred()):
-        if time.monotonic() > deadline: raise AssertionError(f"{what} not reached after {timeout}s")
-        time.sleep(0.005)
-    return v
+    "`support.wait_until`, polled every 5 ms (the worker tests time what they wait for)."
+    return support.wait_until(pred, timeout, what, interval=0.005)
 
 
 def insert_row(db: str, task: str, args: str, *, max_attempts: int = 1) -> str:
