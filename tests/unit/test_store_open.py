@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from fh_tasks import QueueUnavailable, StoreError
 from fh_tasks.store import NewJob
 from fh_tasks.store.migrations import SCHEMA_VERSION
 from fh_tasks.store.sqlite import SQLiteStore
+from fh_tasks.task import new_id
 
 
 def files_of(db: Path) -> dict[str, str]:
@@ -136,3 +138,26 @@ def test_a_read_only_store_refuses_an_old_schema_it_cannot_upgrade(tmp_path: Pat
                                                "read-write"):
         SQLiteStore(db, readonly=True).counts()
     assert files_of(db)["old.db"] == before["old.db"]
+
+
+def test_a_new_store_opened_by_8_connections_at_once_opens_in_every_one(tmp_path: Path) -> None:
+    # Given a new file that 8 stores (8 connections) open at the same moment, 100 times over: switching it to WAL
+    # once made SQLite answer "database is locked" at once to a connection that lost the race (~3 % of rounds)
+    for round in range(100):
+        db = tmp_path / f"jobs-{round}.db"
+        stores = [SQLiteStore(db) for _ in range(8)]
+        go, errors = threading.Barrier(8), []
+        threads = [threading.Thread(target=_open_and_store, args=(s, go, errors)) for s in stores]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        # Then every one of them opened it and stored its job
+        assert errors == [], f"round {round}: {errors[0]!r}"
+        assert stores[0].counts().get("queued") == 8
+        for s in stores: s.close()
+
+
+def _open_and_store(store: SQLiteStore, go: threading.Barrier, errors: list[Exception]) -> None:
+    "Wait for the others, then store one job (the store opens its connection on this first use)."
+    go.wait()
+    try: store.enqueue([NewJob(id=new_id(), task="t", args="{}", run_at=time.time(), created_at=time.time())])
+    except Exception as e: errors.append(e)
