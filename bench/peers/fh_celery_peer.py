@@ -22,11 +22,12 @@ DB = 8
 URL = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/{DB}"
 
 
-def make_hub() -> Tasks:
+def make_hub(prefetch: int = 1) -> Tasks:
     """A hub on the Celery engine with the benchmark tasks (`bench.noop`; `bench.io`, one Redis round trip); its outbox
-    file is a temporary one."""
-    db = os.path.join(tempfile.gettempdir(), f"fh-celery-bench-{os.getpid()}.db")
-    tasks = Tasks(engine=CeleryEngine(EngineSettings(broker=URL, db=db, workers=0), namespace="bench"), workers=0)
+    file is a temporary one. `prefetch`: the engine's (1, its default; 4 is Celery's)."""
+    db = os.path.join(tempfile.gettempdir(), f"fh-celery-bench-{os.getpid()}-{prefetch}.db")
+    tasks = Tasks(engine=CeleryEngine(EngineSettings(broker=URL, db=db, workers=0), namespace="bench",
+                                      prefetch=prefetch), workers=0)
 
     @tasks.task(name="bench.noop")
     def noop(arg: dict[str, Any]) -> None:
@@ -39,8 +40,9 @@ def make_hub() -> Tasks:
     return tasks
 
 
-#: The hub `fh-tasks worker bench.peers.fh_celery_peer:tasks` serves.
+#: The hub `fh-tasks worker bench.peers.fh_celery_peer:tasks` serves; `tasks_p4`: the same with prefetch ×4.
 tasks = make_hub()
+tasks_p4 = make_hub(prefetch=4)
 
 
 class FhCelery(Peer):
@@ -73,6 +75,24 @@ class FhCelery(Peer):
     def close(self) -> None:
         if getattr(self, "hub", None) is not None: self.hub.close()
         self.hub = None
+
+
+class FhCeleryPrefetch(FhCelery):
+    "fh-tasks on Celery with `CeleryEngine(prefetch=4)`: Celery's own prefetch, late acks."
+    key, label = "fh-celery-p4", "fh-tasks on Celery (Redis), prefetch ×4"
+    concurrency = ("`fh-tasks worker --concurrency 1` with `CeleryEngine(prefetch=4)`: one pool child, prefetch ×4 "
+                   "(Celery's default) with late acks")
+
+    def reset(self) -> None:
+        self.close()
+        self.rep += 1
+        flush_redis(URL)
+        self.hub = make_hub(prefetch=4)
+        self.t = self.hub.registry["bench.io" if self.io else "bench.noop"]
+
+    def worker_commands(self, procs: int) -> list[list[str]]:
+        return [[PY, "-m", "fh_tasks", "worker", "bench.peers.fh_celery_peer:tasks_p4", "--concurrency", str(procs),
+                 "--log-level", "warning"]]
 
 
 #: Plain Celery configured as fh-tasks configures it (late acks, prefetch ×1): how much of the difference between
@@ -111,4 +131,4 @@ class CeleryLate(CeleryPeer):
                  str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
 
 
-PEERS = {"fh-celery": FhCelery, "celery-late": CeleryLate}
+PEERS = {"fh-celery": FhCelery, "fh-celery-p4": FhCeleryPrefetch, "celery-late": CeleryLate}

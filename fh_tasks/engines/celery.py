@@ -10,8 +10,12 @@ How fh-tasks maps onto Celery (engines.md §1 has the measurements behind each c
 - Every hub task is a Celery task under its stored name (`bind=True`, `typing=False`: `defer()` checked the call
   already), on a Celery queue named after its queue (`<namespace>.<queue>` outside the default namespace). JSON
   only: `task_serializer`, `accept_content` and friends are "json"; nothing is ever pickled.
-- A job is one message per attempt with `task_id` = the job id, `acks_late=True`, `worker_prefetch_multiplier=1`,
-  no result backend (`ignore_result`): results, errors and progress go to the status store.
+- A job is one message per attempt with `task_id` = the job id, `acks_late=True`, no result backend
+  (`ignore_result`): results, errors and progress go to the status store.
+- Prefetch ×1 by default (`worker_prefetch_multiplier=1`): a worker holds only the jobs it runs, so no job waits
+  behind a long one. `prefetch=4` (Celery's own default) lets a worker fetch its next messages while it runs one:
+  plain Celery's throughput on short jobs, at the price of parking jobs behind long ones and, on Redis, of a killed
+  worker's prefetched messages waiting out the visibility timeout before they run elsewhere.
 - A dead worker's job runs again under our own attempt count: the status store's lease runs out and a pump
   publishes the job again (`task_reject_on_worker_lost` stays off: it requeues without a count, forever).
   Celery's main process reports a pool child that died (`WorkerLostError`), which ends the lease at once.
@@ -66,13 +70,17 @@ class CeleryEngine(BrokerEngine):
             (default: the broker if Redis), `db` (the outbox), `lease`, `poll_interval`, `concurrency`, `queues`.
         namespace: prefix of the status store's keys, of the Celery queues and (Redis broker) of Kombu's keys.
         redeliver_after: seconds after which a queued job no worker started is published again.
+        prefetch: messages a worker process holds (Celery's `worker_prefetch_multiplier`); see the module docstring.
     """
 
     name = "celery"
 
     def __init__(self, settings: EngineSettings | None = None, *, namespace: str = "fh",
-                 redeliver_after: float = 3600.0) -> None:
+                 redeliver_after: float = 3600.0, prefetch: int = 1) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a whole number of messages >= 1, not {prefetch!r}")
         super().__init__(settings, namespace=namespace, redeliver_after=redeliver_after)
+        self.prefetch = prefetch
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://", "amqp://", "amqps://", "pyamqp://")):
             raise ValueError(f"the celery engine needs a redis:// or amqp:// broker, not {_safe(self.broker_url)!r}")
         self.celery = self._make_app()
@@ -102,7 +110,7 @@ class CeleryEngine(BrokerEngine):
             task_serializer="json", result_serializer="json", event_serializer="json", accept_content=["json"],
             result_accept_content=["json"], task_ignore_result=True, task_store_errors_even_if_ignored=False,
             task_acks_late=True, task_acks_on_failure_or_timeout=True, task_reject_on_worker_lost=False,
-            worker_prefetch_multiplier=1, task_default_queue=self.queue_name("default"),
+            worker_prefetch_multiplier=self.prefetch, task_default_queue=self.queue_name("default"),
             task_create_missing_queues=True, broker_connection_retry_on_startup=True,
             broker_transport_options=transport, worker_send_task_events=False, task_send_sent_event=False,
             worker_hijack_root_logger=False, enable_utc=True, timezone="UTC")

@@ -302,7 +302,7 @@ class DramatiqEngine(BrokerEngine):
         message = CurrentMessage.get_current_message()
         if message is None: raise RuntimeError(f"{name}: an fh-tasks actor runs only from a Dramatiq worker")
         for wait in STATUS_RETRIES:  # a restarted Redis fails each pooled connection once
-            time.sleep(wait)
+            if wait: time.sleep(wait)  # (never sleep(0) on the job path: it gives up the GIL to the other threads)
             try:
                 # overlap: the success is confirmed while Dramatiq acks and the thread takes its next message
                 outcome = self.run_job(message.message_id, name, args, kwargs, eager=self.eager_retries, overlap=True)

@@ -12,10 +12,10 @@ from fh_tasks.engine import EngineSettings
 from fh_tasks.engines.celery import CeleryEngine
 
 
-def make(broker: str, status: str, namespace: str, db: str = "outbox.db", **kw: object) -> Tasks:
+def make(broker: str, status: str, namespace: str, db: str = "outbox.db", prefetch: int = 1, **kw: object) -> Tasks:
     "A hub on the Celery engine with this module's tasks registered."
     engine = CeleryEngine(EngineSettings(broker=broker, status=status, db=db, workers=0, **kw),  # type: ignore[arg-type]
-                          namespace=namespace)
+                          namespace=namespace, prefetch=prefetch)
     tasks = Tasks(engine=engine, workers=0)
 
     @tasks.task(name="b.append")
@@ -61,5 +61,6 @@ def make(broker: str, status: str, namespace: str, db: str = "outbox.db", **kw: 
 
 
 if os.environ.get("FH_TEST_NS"):
-    tasks = make(os.environ["FH_TEST_BROKER"], os.environ["FH_TEST_STATUS"], os.environ["FH_TEST_NS"])
+    tasks = make(os.environ["FH_TEST_BROKER"], os.environ["FH_TEST_STATUS"], os.environ["FH_TEST_NS"],
+                 prefetch=int(os.environ.get("FH_TEST_PREFETCH", "1")))
     celery_app = tasks.engine.celery  # type: ignore[attr-defined]

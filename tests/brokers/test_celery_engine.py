@@ -178,6 +178,30 @@ def test_a_running_job_is_cancelled_and_stops(task: str, test_redis: str, hub_of
     assert job.get().state == JobState.cancelled  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_a_worker_holds_the_messages_its_prefetch_allows(prefetch: int, test_redis: str, hub_of: Callable[..., Tasks],
+                                                         start_worker: Any, namespace: str, tmp_path: Path) -> None:
+    # Given a worker with one pool process, running a long job, and 5 more jobs queued behind it
+    tasks = hub_of(test_redis, prefetch=prefetch)
+    worker = start_worker({**worker_env(test_redis, namespace), "FH_TEST_PREFETCH": str(prefetch)}, concurrency=1)
+    long = tasks.registry["b.spin"].defer(str(tmp_path / "stopped"))
+    wait_until(lambda: (r := long.get()) and r.progress is not None, what="the long job to run", timeout=60)
+    rest = [tasks.registry["b.append"].defer(str(tmp_path / "out"), str(i)) for i in range(5)]
+    # Then the worker takes from the broker the running job and prefetch - 1 more, no other (Kombu's Redis list of
+    # the default queue holds the rest)
+    import redis
+    r = redis.Redis.from_url(test_redis)
+    queue = f"{namespace}:{namespace}.default"
+    wait_until(lambda: r.llen(queue) == 5 - (prefetch - 1), what=f"{prefetch - 1} message(s) to be prefetched",
+               timeout=30)
+    time.sleep(0.5)
+    assert r.llen(queue) == 5 - (prefetch - 1), worker.tail()
+    # And once the long job ends, every job runs
+    assert tasks.cancel(long.id, running=True)
+    assert [j.result(30) for j in rest] == [str(i) for i in range(5)], worker.tail()
+    r.close()
+
+
 def test_celery_cli_worker_runs_the_hubs_jobs_and_warns_of_unenforced_timeouts(
         test_redis: str, hub_of: Callable[..., Tasks], start_worker: Any, namespace: str, tmp_path: Path) -> None:
     # Given `celery -A celery_app:celery_app worker` on the threads pool (which enforces no time limits)
@@ -235,6 +259,10 @@ def test_clear_configuration_errors(tmp_path: Path) -> None:
     # A broker Celery cannot use with fh-tasks
     with pytest.raises(ValueError, match="needs a redis:// or amqp:// broker"):
         Tasks(engine="celery", broker="sqs://queue", db=str(tmp_path / "o.db"))
+    # A prefetch that is not a whole number of messages
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="prefetch must be a whole number of messages >= 1"):
+            CeleryEngine(EngineSettings(broker="redis://127.0.0.1:1/0", db=str(tmp_path / "o.db")), prefetch=bad)
     # A process-pool task
     tasks = Tasks(engine="celery", broker="redis://127.0.0.1:1/0", db=str(tmp_path / "o.db"))
     with pytest.raises(Unsupported, match="celery engine cannot run process=True tasks"):
