@@ -51,12 +51,13 @@ class FhCelery(Peer):
                    "prefetch ×1 with late acks (fh-tasks' setting)")
     batch_api = "`engine.submit(list)`: one status-store script and one producer per batch"
     measures = frozenset({"enqueue", "drain", "pickup"})
+    prefetch, served = 1, "tasks"  # the engine's prefetch; the module's hub the worker serves
 
     def reset(self) -> None:
         self.close()
         self.rep += 1
         flush_redis(URL)
-        self.hub = make_hub()
+        self.hub = make_hub(prefetch=self.prefetch)
         self.t = self.hub.registry["bench.io" if self.io else "bench.noop"]
 
     def put(self, arg: dict[str, Any]) -> None:
@@ -69,8 +70,8 @@ class FhCelery(Peer):
         return True
 
     def worker_commands(self, procs: int) -> list[list[str]]:
-        return [[PY, "-m", "fh_tasks", "worker", "bench.peers.fh_celery_peer:tasks", "--concurrency", str(procs),
-                 "--log-level", "warning"]]
+        return [[PY, "-m", "fh_tasks", "worker", f"bench.peers.fh_celery_peer:{self.served}", "--concurrency",
+                 str(procs), "--log-level", "warning"]]
 
     def close(self) -> None:
         if getattr(self, "hub", None) is not None: self.hub.close()
@@ -82,17 +83,7 @@ class FhCeleryPrefetch(FhCelery):
     key, label = "fh-celery-p4", "fh-tasks on Celery (Redis), prefetch ×4"
     concurrency = ("`fh-tasks worker --concurrency 1` with `CeleryEngine(prefetch=4)`: one pool child, prefetch ×4 "
                    "(Celery's default) with late acks")
-
-    def reset(self) -> None:
-        self.close()
-        self.rep += 1
-        flush_redis(URL)
-        self.hub = make_hub(prefetch=4)
-        self.t = self.hub.registry["bench.io" if self.io else "bench.noop"]
-
-    def worker_commands(self, procs: int) -> list[list[str]]:
-        return [[PY, "-m", "fh_tasks", "worker", "bench.peers.fh_celery_peer:tasks_p4", "--concurrency", str(procs),
-                 "--log-level", "warning"]]
+    prefetch, served = 4, "tasks_p4"
 
 
 #: Plain Celery configured as fh-tasks configures it (late acks, prefetch ×1): how much of the difference between
