@@ -148,8 +148,7 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
             if not self.memory and not self.readonly:
                 # Several connections switching a new file at once: SQLite answers busy at once to all but one
                 # (it does not wait for a lock it could deadlock on), so the switch is tried again.
-                conn = c
-                mode = self._retrying(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+                mode = self._retrying(c.execute, "PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
             c.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")

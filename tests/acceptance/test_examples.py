@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from support import ROOT, free_port, uvicorn_server, wait_port
+from support import ROOT, free_port, uvicorn_server, wait_port, wait_until
 
 from fh_tasks.encoding import decode_args, decode_value
 
@@ -25,12 +25,8 @@ T = TypeVar("T")
 
 
 def wait_for(probe: Callable[[], T], timeout: float = 15.0, what: str = "the condition") -> T:
-    "Poll `probe` until it returns something truthy; fail after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while True:
-        if (got := probe()): return got
-        if time.monotonic() >= deadline: raise AssertionError(f"{what} did not happen within {timeout}s")
-        time.sleep(0.05)
+    "`support.wait_until` with the examples' defaults (15 s, polled every 50 ms)."
+    return wait_until(probe, timeout, what, interval=0.05)
 
 
 def job_rows(db: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import support
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 #: The console script installed next to the interpreter (`pip install -e .` puts it there).
@@ -174,13 +176,8 @@ def cli(dir: Path, env: dict[str, str], *args: str, timeout: float = 30) -> subp
 
 
 def wait_for(cond: Callable[[], T], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> T:
-    "Poll `cond` until it returns something truthy; raise TimeoutError naming `what` otherwise."
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v: return v
-        if time.monotonic() > deadline: raise TimeoutError(f"{what} not reached after {timeout}s (last: {v!r})")
-        time.sleep(interval)
+    "`support.wait_until` with the worker tests' defaults (20 s, polled every 50 ms)."
+    return support.wait_until(cond, timeout, what, interval)
 
 
 def rows(db: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
