@@ -58,6 +58,13 @@ class Capabilities:
         if not getattr(self, name):
             raise Unsupported(f"the {engine} engine cannot {doing} (capability {name!r} is missing)")
 
+    def admit(self, new: NewJob, engine: str) -> None:
+        "Raise `Unsupported` when job `new` asks for what the engine cannot do: a delay, a chain, a workflow step."
+        if new.run_at > new.created_at and not self.delay: self.require("delay", engine, "delay a job")
+        if new.parent is not None and not self.chains: self.require("chains", engine, "chain jobs")
+        if (new.takes is not None or new.group is not None) and not self.workflows:
+            self.require("workflows", engine, "pass results from job to job (fh_tasks.chain, fh_tasks.group)")
+
 
 @dataclass
 class EngineSettings:
@@ -125,6 +132,10 @@ class Engine(Protocol):
 
     def cancel(self, id: str) -> bool:
         "Cancel a job (and the rest of its chain); True when it was cancelled."
+
+    def cancel_running(self, id: str) -> bool:
+        """Cancel a running job (and the rest of its chain), capability `cancel_running`; True when it was cancelled.
+        Its worker stops the attempt when it next checks, and records no outcome for it."""
 
     def retry(self, id: str) -> bool:
         """Queue a failed or cancelled job again with a fresh budget of attempts; True when it was requeued. The

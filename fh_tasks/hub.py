@@ -213,8 +213,7 @@ class Tasks:
     def enqueue(self, new: NewJob, task: Task[Any, Any]) -> Job:
         """Store one job built by `task` (what `task.defer()` calls): in the current request's batch (stored when its
         response starts), else at once. Hooks' `before_enqueue` may refuse it."""
-        if new.run_at > new.created_at: self.engine.capabilities.require("delay", self.engine.name, "delay a job")
-        if new.parent is not None: self.engine.capabilities.require("chains", self.engine.name, "chain jobs")
+        self.engine.capabilities.admit(new, self.engine.name)
         if new.owner is None: new.owner = web.owner()
         self.hooks.before_enqueue(new, task)
         job = Job(self, new)
@@ -226,8 +225,7 @@ class Tasks:
         """Store many jobs built by `task` (what `task.defer_many()` calls) in one transaction: in the current request's
         batch, else at once. Hooks' `before_enqueue` runs for each job; one refused refuses them all (none stored)."""
         for new in news:
-            if new.run_at > new.created_at: self.engine.capabilities.require("delay", self.engine.name, "delay a job")
-            if new.parent is not None: self.engine.capabilities.require("chains", self.engine.name, "chain jobs")
+            self.engine.capabilities.admit(new, self.engine.name)
             self.hooks.before_enqueue(new, task)
         jobs = [Job(self, new) for new in news]
         if jobs and web.hold(jobs[0]):
@@ -254,10 +252,7 @@ class Tasks:
         `before_enqueue` runs for each job; one refused refuses them all (none stored)."""
         caps, engine, owner = self.engine.capabilities, self.engine.name, web.owner()
         for new, task in items:
-            if new.run_at > new.created_at: caps.require("delay", engine, "delay a job")
-            if new.parent is not None: caps.require("chains", engine, "chain jobs")
-            if new.takes is not None or new.group is not None:
-                caps.require("workflows", engine, "pass results from job to job (fh_tasks.chain, fh_tasks.group)")
+            caps.admit(new, engine)
             if new.owner is None: new.owner = owner
             self.hooks.before_enqueue(new, task)
         jobs = [Job(self, new) for new, _ in items]
@@ -324,8 +319,7 @@ class Tasks:
         `running=True` a running job is cancelled too, where the engine can (`Capabilities.cancel_running`)."""
         self.engine.capabilities.require("cancel_queued", self.engine.name, "cancel jobs")
         if self.engine.cancel(id): return True
-        stop = getattr(self.engine, "cancel_running", None)
-        return bool(running and self.engine.capabilities.cancel_running and stop is not None and stop(id))
+        return running and self.engine.capabilities.cancel_running and self.engine.cancel_running(id)
 
     def retry(self, id: str) -> bool:
         "Queue a failed or cancelled job again, with fresh attempts; True when it was requeued."

@@ -167,7 +167,7 @@ class SQLiteEngine:
         return self.store.live_job(key)
 
     def cancel_running(self, id: str) -> bool:
-        "Cancel a running job: its worker stops an async or process attempt; a sync one sees the flag (`worker.py`)."
+        "Cancel a running job: its worker stops an async or process attempt; a sync one sees the flag."
         return self.store.cancel_running(id)
 
     def retry(self, id: str) -> bool:

@@ -6,30 +6,26 @@ import functools
 import json
 import logging
 import os
-import random
 import sqlite3
-import stat
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from ..encoding import storable_text
-from ..errors import QueueBusy, QueueUnavailable, StoreError
-from ..pid import pid
+from ..errors import QueueBusy, QueueUnavailable
 from ..progress import ProgressBuffer
 from ..records import PRIORITY_STEP, JobRecord, JobState
 from . import Claim, NewJob, Outcome, WorkerInfo
+from .connection import BUSY_TIMEOUT, Connection
 from .dashboard import DashboardQueries
 from .doorbell import Doorbell
 from .feed import SQLiteFeed
 from .inputs import WorkflowInputs, _taking
 from .limited import LimitedClaims, Limits
-from .migrations import SCHEMA_VERSION, apply, stored_version
-from .queries import _KNOWN, _STATES, Q, _lenient, _num
+from .migrations import SCHEMA_VERSION
+from .queries import _KNOWN, _STATES, Q, _num
+from .workers import WORKER_STALE_LEASES, WorkerRows, _worker_params
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 
@@ -37,21 +33,9 @@ log = logging.getLogger("fh_tasks.store")
 
 #: Attempts a job gets in all when its workers keep dying under it (or its retries + 1, if more).
 CRASH_ATTEMPTS = 3
-#: A registered worker not seen for this many of its lease periods is dead (not live; its row is then dropped).
-WORKER_STALE_LEASES = 3
-#: WAL size (in pages) at which a commit checkpoints by itself, when no worker has done it first.
-AUTOCHECKPOINT_PAGES = 8000
-#: Seconds a write waits for another process's lock before `QueueBusy` is raised.
-BUSY_TIMEOUT = 5.0
-#: Waiting for a lock another connection holds: sleeps start at BACKOFF_FIRST seconds and grow by half per try up to
-#: BACKOFF_MAX, each jittered (×0.5–1.5), until `busy_timeout`. SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20,
-#: 25... ms: far longer than a write transaction here holds the lock (~0.1 ms), so it is turned off after connecting.
-BACKOFF_FIRST, BACKOFF_MAX = 20e-6, 2.5e-4
-# Connections inherited across fork() must never be used or closed in the child (sqlite howtocorrupt §2.6).
-_inherited: list[sqlite3.Connection] = []
 
 
-class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
+class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, DashboardQueries):
     """Jobs in one SQLite file (WAL). Thread-safe: one connection per process, one lock around it.
 
     `durability="normal"` (synchronous=NORMAL) survives any process crash; a power loss may drop the
@@ -85,171 +69,6 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
         self._progress = ProgressBuffer()  # see set_progress / record_progress
         self._cancelled: dict[tuple[str, int], None] = {}  # attempts found cancelled while running (newest last)
         self._bell = None if self.memory or readonly else Doorbell(self.path)
-
-    # -- connection ------------------------------------------------------------------------------
-    def _check_path(self) -> None:
-        p = Path(self.path)
-        if not p.parent.is_dir():
-            raise QueueUnavailable(f"cannot open job store {self.path}: directory {p.parent} does not exist")
-        if p.exists() and not p.is_file():
-            raise QueueUnavailable(f"cannot open job store {self.path}: it is not a file")
-        if not p.exists() and not self.create:
-            raise QueueUnavailable(f"no job store at {self.path}: the file does not exist")
-        if self.readonly:
-            if not os.access(p, os.R_OK):
-                raise QueueUnavailable(f"cannot read job store {self.path}: the file is not readable by this user")
-        elif p.exists():
-            if not os.access(p, os.R_OK | os.W_OK):
-                ro_fs = hasattr(os, "statvfs") and os.statvfs(p.parent).f_flag & os.ST_RDONLY
-                why = "it is on a read-only file system" if ro_fs else "the file is read-only for this user"
-                raise QueueUnavailable(f"cannot open job store {self.path}: {why}")
-        elif not os.access(p.parent, os.W_OK):
-            raise QueueUnavailable(f"cannot create job store {self.path}: directory {p.parent} is not writable")
-        else:  # create it private before SQLite does (0600), whatever the umask
-            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))
-
-    def _readonly_uri(self) -> str:
-        """A URI that opens the file read-only. SQLite may still create the `-shm` and `-wal` files a WAL database
-        is read through (owned as the database is, when run as root); the database itself is never written."""
-        return "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-
-    def _connect(self) -> sqlite3.Connection:
-        "The connection, with SQLite's own busy handler waiting up to `busy_timeout` for a lock."
-        c = self._open()
-        if self._waits_itself:
-            c.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            self._waits_itself = False
-        return c
-
-    def _own_waits(self) -> sqlite3.Connection:
-        """The connection with SQLite's busy handler off: the caller waits for locks itself (`_retrying`). SQLite's
-        handler sleeps 1, 2, 5, 10, 15, 20, 25... ms, far longer than a write here holds the lock (~0.1 ms)."""
-        c = self._open()
-        if not self._waits_itself:
-            c.execute("PRAGMA busy_timeout=0")
-            self._waits_itself = True
-        return c
-
-    def _open(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == pid(): return self._conn
-        if self._conn is not None: _inherited.append(self._conn)
-        if not self.memory: self._check_path()
-        c: sqlite3.Connection | None = None
-        try:
-            if self.readonly:  # SQLite itself refuses every write on this connection
-                c = sqlite3.connect(self._readonly_uri(), uri=True, timeout=self.busy_timeout,
-                                    isolation_level=None, check_same_thread=False)
-            else:
-                c = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                    check_same_thread=False)
-            c.row_factory = sqlite3.Row
-            # Before anything is changed: not SQLite, another app's database, or a newer store is refused here.
-            version = stored_version(c, self.path)
-            if not self.memory and not self.readonly:
-                # Several connections switching a new file at once: SQLite answers busy at once to all but one
-                # (it does not wait for a lock it could deadlock on), so the switch is tried again.
-                mode = self._retrying(c.execute, "PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise QueueUnavailable(f"job store {self.path} could not switch to WAL (got {mode})")
-            c.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-            c.execute("PRAGMA journal_size_limit=67108864")
-            # Workers checkpoint from a thread of their own (`checkpoint`); commits only do it past ~32 MB of WAL.
-            c.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
-            c.execute("PRAGMA temp_store=MEMORY")
-            self._migrate(c, version)
-        except BaseException as e:
-            if c is not None: c.close()
-            if isinstance(e, sqlite3.Error): raise self._wrap(e, "open") from e
-            raise
-        self._conn, self._pid, self._waits_itself = c, os.getpid(), False
-        return c
-
-    def _migrate(self, c: sqlite3.Connection, version: int) -> None:
-        "Bring the store up to SCHEMA_VERSION (see store/migrations); a read-only store must be up to date already."
-        if version == SCHEMA_VERSION: return
-        if self.readonly:
-            why = "it is empty" if version == 0 else f"it has schema {version}, this fh-tasks needs {SCHEMA_VERSION}"
-            raise QueueUnavailable(f"cannot read job store {self.path} without writing to it: {why}; open it once "
-                                   "read-write (start the app or a worker) to set it up")
-        ran = apply(c, self.path)
-        if ran: log.info("job store %s: ran migrations %s", self.path, ", ".join(m.name for m in ran))
-
-    def _wrap(self, e: sqlite3.Error, doing: str) -> StoreError:
-        msg = str(e)
-        if self.readonly and "readonly" in msg:
-            return StoreError(f"cannot {doing}: job store {self.path} was opened read-only")
-        if "locked" in msg or "busy" in msg:
-            return QueueBusy(f"job store {self.path} stayed locked for {self.busy_timeout}s while trying to {doing}")
-        if "readonly" in msg or "read-only" in msg:
-            return QueueUnavailable(f"cannot {doing} job store {self.path}: it is read-only ({msg})")
-        if "full" in msg:
-            return QueueUnavailable(f"cannot {doing} job store {self.path}: the disk is full ({msg})")
-        if "unable to open" in msg or "disk I/O" in msg:
-            return QueueUnavailable(f"cannot {doing} job store {self.path}: {msg}")
-        return StoreError(f"job store {self.path} failed to {doing}: {msg}")
-
-    @contextmanager
-    def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
-        "A write transaction (BEGIN IMMEDIATE), rolled back on any error; sqlite errors become StoreErrors."
-        with self._lock:
-            c = self._own_waits()
-            try:
-                self._retrying(c.execute, "BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise self._wrap(e, doing) from e
-            try:
-                yield c
-                c.execute("COMMIT")
-            except BaseException as e:
-                if c.in_transaction: c.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error): raise self._wrap(e, doing) from e
-                raise
-
-    def _retrying(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)`; while SQLite answers busy (another connection holds the lock), try again after short jittered
-        sleeps (BACKOFF_FIRST growing to BACKOFF_MAX), up to `busy_timeout` seconds; then the busy error is raised."""
-        try: return fn(*args)
-        except sqlite3.OperationalError as e:
-            if not _is_busy(e): raise
-        deadline, delay = time.monotonic() + self.busy_timeout, BACKOFF_FIRST
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0: return fn(*args)
-            time.sleep(min(left, delay * (0.5 + random.random())))
-            delay = min(delay * 1.5, BACKOFF_MAX)
-            try: return fn(*args)
-            except sqlite3.OperationalError as e:
-                if not _is_busy(e): raise
-
-    def _read(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try: return self._retrying(lambda: self._own_waits().execute(sql, params).fetchall())
-            except sqlite3.Error as e: raise self._wrap(e, "read") from e
-
-    def data_version(self) -> int:
-        "Changes whenever another connection commits: a cheap way to notice new jobs."
-        return int(self._read("PRAGMA data_version")[0][0])
-
-    def checkpoint(self) -> tuple[int, int, int]:
-        """Copy committed WAL frames into the database without blocking writers (PASSIVE), on a connection of
-        its own, so that commits on the main connection do not pay for it. Returns (busy, frames, copied)."""
-        if self.memory: return (0, 0, 0)
-        with self._ckpt_lock:
-            if self._ckpt is None or self._ckpt[1] != os.getpid():
-                self._connect()  # the file exists, in WAL mode, with its schema
-                self._ckpt = (sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                              check_same_thread=False), os.getpid())
-            try: row = self._ckpt[0].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as e: raise self._wrap(e, "checkpoint") from e
-        return int(row[0]), int(row[1]), int(row[2])
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid(): self._conn.close()
-            self._conn = None
-        with self._ckpt_lock:
-            if self._ckpt is not None and self._ckpt[1] == os.getpid(): self._ckpt[0].close()
-            self._ckpt = None
 
     # -- writes ----------------------------------------------------------------------------------
     def enqueue(self, jobs: Sequence[NewJob]) -> None:
@@ -557,103 +376,12 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
         if out: self._committed()
         return out
 
-    # -- workers ---------------------------------------------------------------------------------
-    def register_worker(self, info: WorkerInfo) -> None:
-        "Record a worker as live (its `last_seen` is renewed by `heartbeat`)."
-        with self._tx("register a worker") as c: c.execute(Q["register_worker"], _worker_params(info, self.clock()))
-
-    def unregister_worker(self, id: str) -> None:
-        "Forget a worker that stopped cleanly."
-        with self._tx("unregister a worker") as c: c.execute(Q["unregister_worker"], {"id": id})
-
-    def workers(self) -> list[WorkerInfo]:
-        "Registered workers, live ones first (a worker silent for a few lease periods is not live)."
-        return [WorkerInfo(r[0], r[1], r[2], tuple(_json_list(r[3])), tuple(_json_list(r[4])), r[5], r[6], r[7], r[8],
-                          bool(r[9]))
-                for r in self._read(Q["workers"], {"now": self.clock(), "stale": WORKER_STALE_LEASES})]
-
-    def suspect_due(self, queues: Sequence[str], tasks: str | None = None) -> bool:
-        "A suspect job of these queues (and tasks, a JSON list) is due: it waits for a worker with nothing running."
-        queues = self._unpaused(queues)  # paused queues are skipped
-        return bool(self._read(Q["suspect"], {"now": self.clock(), "queues": json.dumps(list(queues)), "tasks": tasks}))
-
-    def running_workers(self) -> int:
-        "How many workers hold running jobs."
-        return int(self._read(Q["running_workers"])[0][0])
-
-    def waiting_by_task(self) -> list[tuple[str, str, int, int]]:
-        "(task, queue, due, scheduled) for every task and queue with jobs waiting for a worker."
-        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in self._read(Q["waiting_by_task"])]
-
-    def set_progress(self, id: str, attempt: int, progress: str) -> bool:
-        "Write a running job's progress now; False when the attempt no longer holds the job."
-        with self._tx("record progress") as c:
-            self._progress.drop((id, attempt))  # an older buffered value must not overwrite this one
-            ok = c.execute(Q["progress"], {"id": id, "attempt": attempt, "progress": progress}).rowcount > 0
-        if not ok: self._progress.stale([(id, attempt)])
-        return ok
-
-    def record_progress(self, id: str, attempt: int, progress: str) -> bool:
-        """Keep a running job's progress in memory, to be written by `flush_progress` or with the job's outcome
-        (latest value wins). Returns at once; False when a write already found the attempt stale."""
-        return self._progress.put((id, attempt), progress)
-
-    def progress_pending(self) -> int:
-        "How many attempts have progress waiting for `flush_progress`."
-        return len(self._progress)
-
-    def flush_progress(self) -> int:
-        "Write every pending progress value in one transaction; returns how many were stored (not stale)."
-        if not self._progress: return 0
-        items: dict[tuple[str, int], str] = {}
-        try:
-            with self._tx("record progress") as c:
-                items = self._progress.take()  # under the store lock: an outcome commit sees the value or its write
-                stale = self._write_progress(c, items)
-        except BaseException:
-            self._progress.restore(items)
-            raise
-        self._progress.stale(stale)
-        return len(items) - len(stale)
-
-    def _write_progress(self, c: sqlite3.Connection, items: dict[tuple[str, int], str]) -> list[tuple[str, int]]:
-        "Write progress values (fenced by attempt and state); returns the attempts that no longer hold their job."
-        q = Q["progress"]
-        return [k for k, text in items.items()
-                if not c.execute(q, {"id": k[0], "attempt": k[1], "progress": text}).rowcount]
-
     def cancel(self, id: str) -> bool:
         now = self.clock()
         with self._tx("cancel a job") as c:
             ok = c.execute(Q["cancel"], {"id": id, "now": now}).rowcount > 0
             if ok: self._cancel_chain(c, id, now)
         return ok
-
-    # -- cancelling running jobs (`tasks.cancel(id, running=True)`) ---------------------------------
-    def cancel_running(self, id: str) -> bool:
-        "Cancel a running job; its worker stops the attempt when it next checks (`cancelled_among`)."
-        now = self.clock()
-        error = json.dumps({"type": "JobCancelled", "message": "cancelled while running"})
-        with self._tx("cancel a running job") as c:
-            ok = c.execute(Q["cancel_running"], {"id": id, "now": now, "error": error}).rowcount > 0
-            if ok: self._cancel_chain(c, id, now)
-        return ok
-
-    def cancelled_among(self, attempts: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
-        "Which of these running attempts were cancelled; remembered for `is_cancelled` (what `progress()` checks)."
-        keys = set(attempts)
-        if not keys: return set()
-        rows = self._read(Q["cancelled_among"], {"ids": json.dumps(sorted({k[0] for k in keys}))})
-        found = {k for r in rows if (k := (str(r[0]), int(r[1]))) in keys}
-        if found:
-            self._progress.stale(found)
-            self._cancelled.update(dict.fromkeys(found))
-            while len(self._cancelled) > 4096: del self._cancelled[next(iter(self._cancelled))]
-        return found
-
-    def is_cancelled(self, id: str, attempt: int) -> bool:
-        "True once this process's worker found the attempt cancelled."
-        return (id, attempt) in self._cancelled
 
     def requeue(self, id: str) -> bool:
         with self._tx("requeue a job") as c:
@@ -666,21 +394,6 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
             return c.execute(Q["prune"], {"before": before, "limit": limit}).rowcount
 
     # -- reads -----------------------------------------------------------------------------------
-    # Rows may come from other versions of fh-tasks: `JobRecord.from_row` reads any row, and text that is not
-    # valid UTF-8 is decoded with replacement characters, so one odd row never fails a read of many.
-    def _records(self, sql: str, params: Any = ()) -> list[JobRecord]:
-        with self._lock:
-            c = self._own_waits()
-            try:
-                try: rows = self._retrying(lambda: c.execute(sql, params).fetchall())
-                except sqlite3.OperationalError as e:
-                    if "decode" not in str(e): raise
-                    c.text_factory = _lenient
-                    try: rows = self._retrying(lambda: c.execute(sql, params).fetchall())
-                    finally: c.text_factory = str
-            except sqlite3.Error as e: raise self._wrap(e, "read") from e
-        return [JobRecord.from_row(dict(r)) for r in rows]
-
     def get(self, id: str) -> JobRecord | None:
         "The whole stored job (arguments and result included), or None."
         return next(iter(self._records(Q["get"], {"id": id})), None)
@@ -722,9 +435,6 @@ class SQLiteStore(WorkflowInputs, LimitedClaims, DashboardQueries):
 
     def finished_since(self, since: float) -> int:
         return int(self._read(Q["finished_since"], {"since": since})[0][0])
-
-    def integrity(self) -> str:
-        return str(self._read("PRAGMA quick_check")[0][0])
 
     # -- periodic tasks (fh_tasks/cron.py): one row per task in fh_cron, advanced by compare-and-set --------------
     def cron_rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -782,11 +492,6 @@ def _state(j: NewJob) -> str:
     return "waiting" if j.takes == "group" else j.state
 
 
-def _is_busy(e: sqlite3.OperationalError) -> bool:
-    msg = str(e)
-    return "locked" in msg or "busy" in msg
-
-
 def _escaped(b: bytes) -> str:
     "Text that is not UTF-8 as a str with lone surrogates (which the worker refuses as a bad row)."
     return b.decode("utf-8", "surrogateescape")
@@ -822,14 +527,3 @@ def _log_lost(id: str, task: Any, state: str, charged: Any, alone: bool, beside:
     else:
         log.warning("job %s (%s): its worker died while running it beside %d other job(s); queued again, attempt not "
                     "charged; it will run alone", id, task, beside, extra=extra)
-
-
-def _worker_params(w: WorkerInfo, now: float) -> dict[str, Any]:
-    return {"id": w.id, "host": w.host, "pid": w.pid, "queues": json.dumps(list(w.queues)),
-            "tasks": json.dumps(list(w.tasks)), "concurrency": w.concurrency, "lease": w.lease, "now": now}
-
-
-def _json_list(text: Any) -> list[str]:
-    try: v = json.loads(text)
-    except (TypeError, ValueError): return []
-    return [str(x) for x in v] if isinstance(v, list) else []

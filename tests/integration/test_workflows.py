@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "acceptance"))  # worker processes, as users start them
 from worker_support import env_for, make_db, rows, running, start_worker, wait_for  # noqa: E402
 
-from fh_tasks import JobCancelled, JobState, JobStatus, Tasks, Unsupported, chain, group
+from fh_tasks import BackgroundTasks, JobCancelled, JobState, JobStatus, Tasks, Unsupported, chain, group
 from fh_tasks.engine import EngineSettings
 from fh_tasks.engines.sqlite import SQLiteEngine
 from fh_tasks.testing import drain
@@ -255,6 +255,30 @@ def test_an_engine_without_workflows_refuses_them_when_deferred(db: str):
     assert tasks.counts() == {}
     # while a group without a callback (plain parallel jobs) is not a workflow that passes results
     assert len(group(one.s(1), one.s(2)).defer().jobs) == 2
+    tasks.store.close()
+
+
+def test_an_engine_without_delays_or_chains_refuses_them_at_defer_and_stores_nothing(db: str):
+    # Given an engine that can neither delay a job nor run jobs in order
+    class Plain(SQLiteEngine):
+        capabilities = replace(SQLiteEngine.capabilities, delay=False, chains=False)
+
+    tasks = Tasks(engine=Plain(EngineSettings(db=db)), workers=0)
+
+    @tasks.task
+    def one(x: int) -> int: return x
+
+    # Then a delayed job is refused at defer(), naming the engine and the capability, in every way of deferring
+    with pytest.raises(Unsupported, match=r"the sqlite engine cannot delay a job \(capability 'delay' is missing\)"):
+        one.with_options(delay=60).defer(1)
+    with pytest.raises(Unsupported, match="'delay'"): one.with_options(delay=60).defer_many([(1,), (2,)])
+    assert tasks.counts() == {}
+    # and so is a job chained after another (the first job of BackgroundTasks waits for nothing: it is stored)
+    bg = BackgroundTasks()
+    bg.add_task(one, 1)
+    with pytest.raises(Unsupported, match=r"the sqlite engine cannot chain jobs \(capability 'chains' is missing\)"):
+        bg.add_task(one, 2)
+    assert tasks.counts() == {"queued": 1} and len(bg.jobs) == 1
     tasks.store.close()
 
 

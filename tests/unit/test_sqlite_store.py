@@ -432,7 +432,7 @@ def test_checkpoint_copies_the_wal_without_the_writer(store, clock):
 # -- waiting for another connection's lock -------------------------------------------------------------
 def test_a_write_waits_for_a_lock_held_briefly_by_another_connection(store, clock, db, monkeypatch):
     # Given another connection holding the write lock, released by a thread after a few of the store's retries
-    import fh_tasks.store.sqlite as sq
+    import fh_tasks.store.connection as sq
     store.enqueue([new(clock)])
     other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")

@@ -1,4 +1,5 @@
-"""Worker: claims due jobs in batches, runs them, records outcomes in batches, keeps leases alive.
+"""The SQLite engine's worker: claims due jobs in batches, runs them (`runs.py`), records outcomes in batches, keeps
+leases alive (`upkeep.py`).
 
 One asyncio loop drives everything. Async tasks run on it; sync tasks in the worker's own thread pool;
 `process=True` tasks in a process pool. Store calls are short transactions made from the loop.
@@ -9,38 +10,29 @@ import asyncio
 import collections
 import json
 import logging
-import math
 import os
 import random
 import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import JobContext, _current
-from .encoding import decode_args, encode_value, is_utf8, sql_value, storable_text
-from .encoding import error_record as _err
-from .encoding import exception_text as _text
-from .encoding import exception_trace as _trace
-from .errors import ArgumentError, JobCancelled, PayloadTooLarge, QueueBusy, QueueUnavailable, TaskTimeout
-from .executors import DaemonThreadPool, ProcessPool, call_in_thread, process_pool, thread_pool
-from .limits import worker_spec
-from .progress import FLUSH_EVERY
-from .records import Claim, Outcome, QueueOrder, WorkerInfo
+from ..encoding import error_record as _err
+from ..encoding import exception_text as _text
+from ..errors import QueueBusy, QueueUnavailable
+from ..executors import DaemonThreadPool, ProcessPool, process_pool, thread_pool
+from ..limits import worker_spec
+from ..records import Claim, Outcome, QueueOrder, WorkerInfo
+from .runs import Runs, _Run
+from .upkeep import Upkeep
 
 if TYPE_CHECKING:
-    from .engines.sqlite import SQLiteEngine
-    from .task import Task
+    from ..engines.sqlite import SQLiteEngine
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("fh_tasks.worker")
-#: Seconds between the worker's WAL checkpoints.
-CHECKPOINT_EVERY = 0.5
-#: Seconds between two checks for running jobs cancelled by `tasks.cancel(id, running=True)` (only while jobs run).
-CANCEL_CHECK_EVERY = 0.5
 #: Most jobs claimed in one statement.
 CLAIM_BATCH = 64
 #: Seconds a busy worker lets doorbell rings gather before it claims: one claim then takes the jobs of several
@@ -51,19 +43,7 @@ RING_GATHER = 0.001
 _in_process: set[Worker] = set()
 
 
-@dataclass(eq=False)
-class _Run:
-    "A claimed job while it runs: its future and whether its outcome is already recorded."
-    claim: Claim
-    future: asyncio.Future[Any] | None = None
-    timer: asyncio.TimerHandle | None = None
-    settled: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-    ctx: JobContext | None = None
-    task: Task[Any, Any] | None = None
-
-
-class Worker:
+class Worker(Runs, Upkeep):
     """The SQLite engine's worker: runs jobs from its store until stopped.
 
     Args:
@@ -321,218 +301,6 @@ class Worker:
         t = self._next_due()
         return t is not None and t <= self.store.clock()
 
-    async def _heartbeats(self) -> None:
-        every = max(0.05, self.lease / 3)
-        sweep_at = 0.0
-        while True:
-            await asyncio.sleep(every)
-            try:
-                self.store.heartbeat(self.id, self.lease, self.info())  # also tells the store this worker is alive
-                now = time.monotonic()
-                if now >= sweep_at:
-                    sweep_at = now + max(1.0, self.lease / 2)
-                    if self.store.expire(): self.wake()
-                self.hooks.emit("on_tick", self)
-            except Exception:
-                self.log.exception("lease upkeep failed; will retry")
-
-    async def _progress_flushes(self) -> None:
-        "Write the progress tasks recorded (`current_job().progress`) in one transaction per interval, from a thread."
-        store, loop = self.store, asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(FLUSH_EVERY)
-            if not store.progress_pending(): continue
-            try: await loop.run_in_executor(None, store.flush_progress)
-            except Exception: self.log.warning("could not record progress; will retry", exc_info=True)
-
-    async def _cancel_checks(self) -> None:
-        """Cancelling running jobs (`tasks.cancel(id, running=True)`): every `CANCEL_CHECK_EVERY` seconds, from a
-        thread, ask the store which running attempts were cancelled; an async or process job is stopped, a sync one
-        sees `current_job().cancelled` (and `progress()` raises `JobCancelled`); no outcome is recorded (`_cancelled`).
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(CANCEL_CHECK_EVERY)
-            if not self.running: continue
-            try: found = await loop.run_in_executor(None, self.store.cancelled_among, list(self.running))
-            except Exception:
-                self.log.warning("could not check for cancelled jobs; will retry", exc_info=True)
-                continue
-            for key in found:
-                if (run := self.running.get(key)) is not None and not run.settled: self._cancelled(run)
-
-    def _cancelled(self, run: _Run) -> None:
-        """A running job was found cancelled. The store holds it cancelled already (the rest of its workflow too), so
-        no outcome is recorded: an async job is cancelled and a process job's pool child killed (and replaced) now; a
-        sync one runs until it sees the flag (`current_job().cancelled`, or `progress()` raises). Its slot frees as it
-        ends."""
-        run.settled = True
-        c = run.claim
-        self.log.info("job %s (%s) cancelled while running", c.id, c.task,
-                      extra={"action": "cancel", "job_id": c.id, "task": c.task})
-        if run.timer: run.timer.cancel()
-        if run.future is not None and run.task is not None and (run.task.is_async or run.task.options.process):
-            run.future.cancel()
-        if run.ctx is not None and run.task is not None:
-            self.hooks.emit("after_run", run.ctx, run.task, None, JobCancelled(f"job {c.id} ({c.task}) was cancelled"))
-
-    async def _checkpoints(self) -> None:
-        "Checkpoint the WAL from a thread, off the commit path, so it stays small and commits stay cheap."
-        checkpoint, loop = self.store.checkpoint, asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(CHECKPOINT_EVERY)
-            try: await loop.run_in_executor(None, checkpoint)
-            except Exception: self.log.warning("WAL checkpoint failed; commits will checkpoint instead", exc_info=True)
-
-    # -- running one job ------------------------------------------------------------------------
-    def _start(self, claim: Claim) -> None:
-        "Start a claimed job. Never raises: a job that cannot start (bad row, unknown task, any error) fails alone."
-        run = _Run(claim)
-        try:
-            self.running[(claim.id, claim.attempt)] = run
-            self._launch(run)
-        except Exception as e:
-            if run.future is not None and not run.future.done(): run.future.cancel()
-            if not run.settled:
-                if self._stopping: self._settle(run, "release")
-                else: self._reject(run, type(e).__name__, f"the job could not be started: {_text(e)}", _trace(e))
-            try: self.running.pop((claim.id, claim.attempt), None)
-            except TypeError: pass  # an unhashable id: it never got in
-
-    def _launch(self, run: _Run) -> None:
-        claim = run.claim
-        if (bad := _bad_row(claim)): return self._reject(run, "BadRow", f"the stored job cannot be run: {bad}")
-        task = self.engine.registry.get(claim.task)
-        if task is None:
-            return self._reject(run, "UnknownTask", f"no task named {claim.task!r} is registered with this app")
-        try:
-            args, kwargs = decode_args(claim.args)
-        except ValueError as e:
-            return self._reject(run, "DecodeError", f"stored arguments cannot be decoded: {e}")
-        ctx = JobContext(claim.id, claim.task, claim.attempt, claim.max_attempts, self.store)
-        run.ctx, run.task = ctx, task
-        loop = self._loop
-        assert loop is not None
-        self.hooks.emit("before_run", ctx, task)
-        if task.is_async:
-            fut: asyncio.Future[Any] = asyncio.ensure_future(_run_async(ctx, task, args, kwargs))
-        elif task.options.process:
-            self._procs = self._procs or process_pool()
-            fut = asyncio.ensure_future(self._procs.run(task, ctx, args, kwargs))
-        else:
-            fut = self._run_in_thread(ctx, task.fn, args, kwargs)
-        run.future = fut
-        timeout = claim.timeout if claim.timeout is not None else task.options.timeout
-        if timeout: run.timer = loop.call_later(timeout, self._timed_out, run, task, timeout)
-        fut.add_done_callback(lambda f: self._done(run, task, f))
-
-    def _run_in_thread(self, ctx: JobContext, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> asyncio.Future[Any]:
-        """Run a sync task in the worker's thread pool. Finished jobs are handed back to the loop in batches:
-        one wake-up of the loop for however many jobs ended meanwhile, not one per job."""
-        assert self._loop is not None and self._threads is not None
-        fut, loop = self._loop.create_future(), self._loop
-
-        def job() -> None:
-            try: outcome: tuple[Any, BaseException | None] = (call_in_thread(ctx, fn, args, kwargs), None)
-            except BaseException as e: outcome = (None, e)  # SystemExit in a task fails the job, not the thread
-            self._ended.append((fut, *outcome))
-            if not self._ended_signalled:
-                self._ended_signalled = True
-                try: loop.call_soon_threadsafe(self._hand_back)
-                except RuntimeError: pass  # the loop is closed: the job was given back already
-
-        self._threads.run(job)
-        return fut
-
-    def _hand_back(self) -> None:
-        self._ended_signalled = False  # before draining: a job ending meanwhile signals again
-        while self._ended:
-            fut, value, exc = self._ended.popleft()
-            if fut.done(): continue  # cancelled at shutdown: the job was given back
-            if exc is None: fut.set_result(value)
-            else: fut.set_exception(exc)
-
-    def _timed_out(self, run: _Run, task: Task[Any, Any], timeout: float) -> None:
-        if run.settled: return
-        exc = TaskTimeout(f"{run.claim.task} ran longer than its {timeout}s timeout")
-        # Cancelling an async task stops it and cancelling a process job kills its pool child.
-        if run.future is not None and (task.is_async or task.options.process): run.future.cancel()
-        # A sync thread cannot be killed: its outcome is recorded now; its slot stays taken until it returns.
-        self._failed(run, task, exc)
-
-    def _done(self, run: _Run, task: Task[Any, Any], fut: asyncio.Future[Any]) -> None:
-        """The job's future ended. Whatever happens on the way to its outcome (a value that breaks the encoder...)
-        ends the job: it never stays running."""
-        try:
-            if run.timer: run.timer.cancel()
-            if not run.settled: self._outcome(run, task, fut)
-        except Exception as e:
-            if not run.settled:
-                msg = f"{run.claim.task}: the job's outcome could not be recorded: {type(e).__name__}: {_text(e)}"
-                self._reject(run, "ResultError", msg, _trace(e))
-        finally:
-            # Keyed by attempt: a timed-out sync attempt keeps its slot until its thread returns, beside its retry.
-            self.running.pop((run.claim.id, run.claim.attempt), None)
-            self._nudge()
-
-    def _outcome(self, run: _Run, task: Task[Any, Any], fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled():
-            if self._stopping: self._settle(run, "release")
-            else: self._failed(run, task, TaskTimeout(f"{run.claim.task} was cancelled"))
-        elif (exc := fut.exception()) is not None: self._failed(run, task, exc)
-        else:
-            try: result = encode_value(fut.result(), "the result", self.engine.max_result)
-            except Exception as e:
-                if isinstance(e, PayloadTooLarge): why = f"{e} (Tasks(max_result=...))"
-                else: why = str(e) if isinstance(e, ArgumentError) else f"{type(e).__name__}: {_text(e)}"
-                self._reject(run, "ResultError", f"{run.claim.task} returned a value that cannot be stored: {why}")
-            else:
-                if run.ctx is not None: self.hooks.emit("after_run", run.ctx, task, fut.result(), None)
-                self._settle(run, "succeed", result=result)
-
-    def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:
-        "An attempt failed: the hooks decide (the built-in `Retries` hook: the task's backoff while attempts remain)."
-        c = run.claim
-        if isinstance(exc, _Exited) and exc.__cause__ is not None: exc = exc.__cause__
-        error = _err(type(exc).__name__, _text(exc), _trace(exc))
-        ctx = run.ctx or JobContext(c.id, c.task, c.attempt, c.max_attempts, None)
-        self.hooks.emit("after_run", ctx, task, None, exc)
-        decision = self.hooks.decide(ctx, task, exc)
-        if decision.retry:
-            d: Any = decision.delay  # a delay that is not seconds: the backoff
-            delay = max(0.0, float(d)) if _real(d) and math.isfinite(d) else task.policy.backoff(c.attempt)
-            if self.eager: delay = 0.0
-            self._log_failure(c, error["type"], error["message"], delay)
-            self._settle(run, "retry", error=error, run_at=self.store.clock() + delay)
-        else:
-            self._log_failure(c, error["type"], error["message"])
-            self._settle(run, "fail", error=error)
-
-    def _reject(self, run: _Run, type_: str, message: str, tb: str | None = None) -> None:
-        "Fail a job for good, now: it cannot run, or its result cannot be stored."
-        self._log_failure(run.claim, type_, message)
-        self._settle(run, "fail", error=_err(type_, message, tb))
-
-    def _log_failure(self, c: Claim, type_: str, message: str, retry_in: float | None = None) -> None:
-        "Every failed attempt is a WARNING carrying the job's id, task and error type (also as `extra`)."
-        extra = {"action": "fail" if retry_in is None else "retry", "job_id": c.id, "task": c.task,
-                 "error_type": type_, "attempt": c.attempt}
-        msg = storable_text(message if len(message) <= 500 else message[:497] + "...")
-        if retry_in is None:
-            self.log.warning("job %s (%s) failed after %s attempt(s): %s: %s", c.id, c.task, c.attempt, type_, msg,
-                             extra=extra)
-        else:
-            self.log.warning("job %s (%s) attempt %s/%s failed: %s: %s; retrying in %.2fs", c.id, c.task, c.attempt,
-                             c.max_attempts, type_, msg, retry_in, extra=extra)
-
-    def _settle(self, run: _Run, kind: Any, *, result: str | None = None, error: dict[str, Any] | None = None,
-                run_at: float | None = None) -> None:
-        run.settled = True
-        c = run.claim
-        self._outcomes.append((run, Outcome(kind, c.id, c.attempt, result, json.dumps(error) if error else None, run_at,
-                                            extra={"task": c.task})))
-        if run.future is None: self.running.pop((run.claim.id, run.claim.attempt), None)
-        self._nudge()
 
     def _nudge(self) -> None:
         """A slot freed or an outcome is waiting. With a backlog, claim again at once; otherwise linger briefly,
@@ -610,43 +378,6 @@ class Worker:
             woken.cancel()
             pending = [f for f in pending if not f.done()]
 
-
-class _Exited(Exception):
-    "Carries a task's SystemExit: raised from an asyncio task it would stop the app's event loop."
-
-
-async def _run_async(ctx: JobContext, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-    _current.set(ctx)  # this asyncio task has its own context copy
-    try: return await task.fn(*args, **kwargs)
-    except SystemExit as e: raise _Exited() from e
-
-
-def _real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _bad_row(c: Claim) -> str | None:
-    "Why a claimed row cannot run (a column of the wrong type or out of range, written behind the store's back)."
-    # The rows the store writes pass this first test; only a row written behind its back takes the long way.
-    if (type(c.id) is str and type(c.task) is str and type(c.args) is str and type(c.attempt) is int
-            and type(c.max_attempts) is int and type(c.created_at) is float and c.id and c.attempt >= 1
-            and c.max_attempts >= 1 and math.isfinite(c.created_at)
-            and (c.timeout is None or (type(c.timeout) in (int, float) and 0 < c.timeout < math.inf))
-            and c.id.isascii() and c.task.isascii() and c.args.isascii()):
-        return None
-    def col(name: str, v: Any, want: str) -> str: return f"column {name} is {sql_value(v)}, not {want}"
-    if not isinstance(c.id, str) or not c.id: return col("id", c.id, "a job id")
-    if not isinstance(c.task, str): return col("task", c.task, "a task name")
-    if not (isinstance(c.attempt, int) and _real(c.attempt) and c.attempt >= 1):
-        return col("attempts", c.attempt - 1 if _real(c.attempt) else c.attempt, "a whole number >= 0")
-    if not (isinstance(c.max_attempts, int) and _real(c.max_attempts) and c.max_attempts >= 1):
-        return col("max_attempts", c.max_attempts, "a whole number >= 1")
-    if c.timeout is not None and not (_real(c.timeout) and 0 < c.timeout < math.inf):
-        return col("timeout", c.timeout, "NULL or a number of seconds > 0")
-    if not (_real(c.created_at) and math.isfinite(c.created_at)): return col("created_at", c.created_at, "a time")
-    for name, v in (("id", c.id), ("task", c.task), ("args", c.args)):
-        if isinstance(v, str) and not is_utf8(v): return f"column {name} holds text that is not valid UTF-8"
-    return None
 
 
 def _process_idle() -> bool:
