@@ -6,6 +6,7 @@ Ports: DEMO_PORT (dashboard, default 5001) and SLOW_API_PORT (slow service, defa
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -20,6 +22,13 @@ HOST = "127.0.0.1"
 STOP_TIMEOUT = 20.0
 #: Where the demo mounts the jobs dashboard on the example's app.
 JOBS_PATH = "/tasks"
+#: The local copies of htmx (htmx.org 2.0.7, as FastHTML pins it; Zero-Clause BSD) and Pico CSS (@picocss/pico 2.1.1;
+#: MIT) the demo serves under VENDOR_PATH (as /htmx and /pico: a path ending in .js or .css would be taken by FastHTML's
+#: static-file route), and the CDN addresses they stand for.
+VENDOR, VENDOR_PATH = HERE / "vendor", "/_demo/vendor"
+FILES = {"htmx": "htmx-2.0.7.min.js", "pico": "pico-2.1.1.min.css"}
+HTMX_CDN = re.compile(r"/htmx\.org@[^/]+/dist/htmx(\.min)?\.js$")
+PICO_CDN = re.compile(r"/pico@[^/]+/css/pico(\.[a-z]+)*\.min\.css$")
 
 
 def __getattr__(name: str) -> object:
@@ -29,8 +38,33 @@ def __getattr__(name: str) -> object:
     if name != "app": raise AttributeError(name)
     import dashboard
     dashboard.tasks.dashboard(JOBS_PATH, local_only=True)
+    serve_vendored(dashboard.app)
     globals()["app"] = dashboard.app
     return dashboard.app
+
+
+def serve_vendored(app: Any) -> None:
+    """Serve htmx and Pico CSS from `examples/vendor` instead of the CDN FastHTML's default `hdrs` load them from, so
+    that the demo works on a machine without internet. FastHTML's other default scripts stay as they are: the pages
+    work without them."""
+    from fasthtml.common import Link, Script
+    from starlette.responses import FileResponse, Response
+
+    def local(h: Any) -> Any:
+        if isinstance(h, tuple): return tuple(local(x) for x in h)
+        attrs = getattr(h, "attrs", None) or {}
+        if getattr(h, "tag", "") == "script" and HTMX_CDN.search(str(attrs.get("src", ""))):
+            return Script(src=f"{VENDOR_PATH}/htmx")
+        if getattr(h, "tag", "") == "link" and PICO_CDN.search(str(attrs.get("href", ""))):
+            return Link(rel="stylesheet", href=f"{VENDOR_PATH}/pico")
+        return h
+
+    app.hdrs = [local(h) for h in app.hdrs]
+
+    @app.get(VENDOR_PATH + "/{name}")
+    def vendored(name: str):  # (no return annotation: FastHTML evaluates it in the module's globals)
+        if name not in FILES: return Response("not found", status_code=404)
+        return FileResponse(VENDOR / FILES[name], headers={"Cache-Control": "public, max-age=86400"})
 
 
 class Demo:

@@ -8,19 +8,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from support import CI
+from support import CI, ROOT
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Route
 
-HERE = Path(__file__).resolve().parent
-# FastHTML pages load htmx from a CDN, which the tests cannot reach: they get this copy instead
+VENDOR = ROOT / "examples" / "vendor"
+# FastHTML pages load htmx from a CDN, which the tests cannot reach: they get the copy `make demo` serves instead
 # (the htmx.org npm package, version 2.0.7 as FastHTML pins it; Zero-Clause BSD licence).
-HTMX = HERE / "htmx-2.0.7.min.js"
+HTMX = VENDOR / "htmx-2.0.7.min.js"
 HTMX_URL = re.compile(r"/htmx\.org@[^/]+/dist/htmx(\.min)?\.js$")
 # FastHTML pages also link Pico CSS from a CDN: the tests serve the @picocss/pico 2.1.1 npm package's pico.min.css
 # (MIT licence, its header kept), so screenshots look as the pages do.
-PICO = HERE / "pico-2.1.1.min.css"
+PICO = VENDOR / "pico-2.1.1.min.css"
 PICO_URL = re.compile(r"/pico@[^/]+/css/pico(\.[a-z]+)*\.min\.css$")
 LOOPBACK = re.compile(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -70,4 +70,4 @@ def page(chromium: str) -> Iterator[Page]:
 def shots(tmp_path: Path) -> Path:
     "Where a test saves its screenshots: docs/ when asked for (UPDATE_SCREENSHOTS=1; the README shows some), else tmp."
     import os
-    return HERE.parent.parent / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    return ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path

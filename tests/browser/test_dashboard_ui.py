@@ -17,9 +17,9 @@ from support import ROOT, uvicorn_server
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Route
 
-HERE = Path(__file__).resolve().parent
-# Pico CSS 2.1.1 (MIT), the stylesheet FastHTML's default `hdrs` load from a CDN the tests cannot reach.
-PICO = HERE / "pico-2.1.1.min.css"
+# Pico CSS 2.1.1 (MIT), the stylesheet FastHTML's default `hdrs` load from a CDN the tests cannot reach (the copy
+# `make demo` serves).
+PICO = ROOT / "examples" / "vendor" / "pico-2.1.1.min.css"
 PNG = b"\x89PNG\r\n\x1a\n"
 DOCS = ROOT / "docs"
 
