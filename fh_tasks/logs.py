@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any
 
+from .encoding import storable_text
+
 __all__ = ["escape", "EscapingFormatter", "EscapingFilter", "JsonFormatter"]
 
 #: The attributes every `LogRecord` has; the others are the `extra=` fields a JSON line carries.
@@ -75,3 +77,17 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_text: out["traceback"] = record.exc_text
         if record.stack_info: out["stack"] = self.formatStack(record.stack_info)
         return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def log_failed_attempt(log: logging.Logger, id: str, task: str, attempt: int, max_attempts: int, type_: str,
+                       message: str, retry_in: float | None = None) -> None:
+    """Every failed attempt, on every engine's workers, is this WARNING: the job's id and task, the attempt, the error
+    type and message (cut to 500 characters), and when it runs again; the same as `extra` fields for JSON lines."""
+    extra = {"action": "fail" if retry_in is None else "retry", "job_id": id, "task": task, "error_type": type_,
+             "attempt": attempt}
+    msg = storable_text(message if len(message) <= 500 else message[:497] + "...")
+    if retry_in is None:
+        log.warning("job %s (%s) failed after %s attempt(s): %s: %s", id, task, attempt, type_, msg, extra=extra)
+    else:
+        log.warning("job %s (%s) attempt %s/%s failed: %s: %s; retrying in %.2fs", id, task, attempt, max_attempts,
+                    type_, msg, retry_in, extra=extra)

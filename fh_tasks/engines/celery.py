@@ -46,8 +46,9 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from ..encoding import decode_args
 from ..engine import EngineSettings
 from ..errors import JobFailed, QueueUnavailable
-from .broker import BrokerEngine, Heartbeat, Message, Pump
+from .broker import BrokerEngine, Message
 from .status import _safe
+from .threads import Heartbeat, Pump
 
 if TYPE_CHECKING:
     from ..task import Task

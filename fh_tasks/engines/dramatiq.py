@@ -54,8 +54,9 @@ from ..encoding import decode_args, encode_args
 from ..engine import EngineSettings
 from ..errors import FhTasksError, QueueUnavailable, TaskTimeout
 from ..records import NewJob
-from .broker import BrokerEngine, Heartbeat, Message, Pump
+from .broker import BrokerEngine, Message
 from .status import _safe, worker_name
+from .threads import Heartbeat, Pump
 
 if TYPE_CHECKING:
     from ..task import Task

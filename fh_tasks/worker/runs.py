@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..context import JobContext, _current
-from ..encoding import decode_args, encode_value, is_utf8, sql_value, storable_text
+from ..encoding import decode_args, encode_value, is_utf8, sql_value
 from ..encoding import error_record as _err
 from ..encoding import exception_text as _text
 from ..encoding import exception_trace as _trace
 from ..errors import ArgumentError, PayloadTooLarge, TaskTimeout
 from ..executors import DaemonThreadPool, ProcessPool, call_in_thread, process_pool
+from ..logs import log_failed_attempt
 from ..records import Claim, Outcome
 
 if TYPE_CHECKING:
@@ -191,16 +192,7 @@ class Runs:
         self._settle(run, "fail", error=_err(type_, message, tb))
 
     def _log_failure(self, c: Claim, type_: str, message: str, retry_in: float | None = None) -> None:
-        "Every failed attempt is a WARNING carrying the job's id, task and error type (also as `extra`)."
-        extra = {"action": "fail" if retry_in is None else "retry", "job_id": c.id, "task": c.task,
-                 "error_type": type_, "attempt": c.attempt}
-        msg = storable_text(message if len(message) <= 500 else message[:497] + "...")
-        if retry_in is None:
-            self.log.warning("job %s (%s) failed after %s attempt(s): %s: %s", c.id, c.task, c.attempt, type_, msg,
-                             extra=extra)
-        else:
-            self.log.warning("job %s (%s) attempt %s/%s failed: %s: %s; retrying in %.2fs", c.id, c.task, c.attempt,
-                             c.max_attempts, type_, msg, retry_in, extra=extra)
+        log_failed_attempt(self.log, c.id, c.task, c.attempt, c.max_attempts, type_, message, retry_in)
 
     def _settle(self, run: _Run, kind: Any, *, result: str | None = None, error: dict[str, Any] | None = None,
                 run_at: float | None = None) -> None:

@@ -13,7 +13,7 @@ MODULES = sorted("fh_tasks." + ".".join(p.relative_to(PKG).with_suffix("").parts
                  for p in PKG.rglob("*.py") if p.name != "__main__.py")
 # Broker engines need their extras; they are checked by their own tests.
 OPTIONAL = {"fh_tasks.engines.celery", "fh_tasks.engines.dramatiq", "fh_tasks.engines.status",
-            "fh_tasks.engines.broker", "fh_tasks.engines.outbox"}
+            "fh_tasks.engines.broker", "fh_tasks.engines.outbox", "fh_tasks.engines.threads"}
 
 
 def _imported(code: str) -> set[str]:
