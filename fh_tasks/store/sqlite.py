@@ -221,7 +221,9 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         if ordered:
             pos = {q: i for i, q in enumerate(queues)}
             rows.sort(key=lambda r: (pos.get(r[2], len(pos)), *_due_order(r)))
-        else: rows.sort(key=_due_order)
+        else:
+            try: rows.sort(key=lambda r: (r[8] - r[11] * PRIORITY_STEP, r[9]))  # numbers, as the store writes them
+            except TypeError: rows.sort(key=_due_order)  # a row written behind the store's back
         claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now, suspect=bool(r[10])) for r in rows]
         return accepted, claims
 
@@ -251,13 +253,20 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
                                     **{f"q{i}": q for i, q in enumerate(queues)}}).fetchall()
 
     def _claim_rows(self, c: sqlite3.Connection, *args: Any) -> list[sqlite3.Row]:
-        """`_claim`, reading text with surrogate escapes. A claimed row holding text that is not UTF-8 (written behind
-        the store's back) would otherwise fail the claim, and so every claim after it: this way the worker sees the
-        row and fails it alone (`_bad_row`). No savepoint is needed, and each statement of the transaction is one more
-        moment the thread may wait for the GIL while it holds the write lock."""
-        c.text_factory = _escaped
-        try: return self._claim(c, *args)
-        finally: c.text_factory = str
+        """`_claim`. A claimed row holding text that is not UTF-8 (written behind the store's back) would fail the
+        claim, and so every claim after it: then the claim is undone and made again reading text with surrogate
+        escapes, so that the worker sees the row and fails it alone (`_bad_row`). Text is read as `str` first: a
+        decoder called from Python for every text value of every row would cost each claim more than the savepoint."""
+        c.execute("SAVEPOINT fh_claim")
+        try: rows = self._claim(c, *args)
+        except sqlite3.OperationalError as e:
+            if "decode" not in str(e): raise
+            c.execute("ROLLBACK TO fh_claim")
+            c.text_factory = _escaped
+            try: rows = self._claim(c, *args)
+            finally: c.text_factory = str
+        c.execute("RELEASE fh_claim")
+        return rows
 
     def _record(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
         """Record outcomes (`_finish`). If that fails for a reason other than a busy or unavailable store (a value the
