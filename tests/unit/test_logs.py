@@ -106,8 +106,8 @@ def _job_log_calls(path: Path) -> list[tuple[int, set[str]]]:
     return found
 
 
-@pytest.mark.parametrize("module", ["worker/loop.py", "worker/runs.py", "worker/upkeep.py", "store/sqlite.py", "logs.py",
-                                    "engines/sqlite.py"])
+@pytest.mark.parametrize("module", ["worker/loop.py", "worker/runs.py", "worker/upkeep.py", "store/sqlite.py",
+                                    "engines/sqlite.py", "logs.py"])
 def test_every_worker_log_line_about_a_job_carries_its_id_and_task(module: str) -> None:
     # Given the logging calls of the embedded engine's worker and store that speak of one job
     calls = _job_log_calls(Path(__file__).resolve().parents[2] / "fh_tasks" / module)
