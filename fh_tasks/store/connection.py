@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import QueueBusy, QueueUnavailable, StoreError
 from ..pid import pid
@@ -23,9 +23,10 @@ from ..records import JobRecord
 from .migrations import SCHEMA_VERSION, apply, stored_version
 from .queries import _lenient
 
-__all__ = ["AUTOCHECKPOINT_PAGES", "BACKOFF_FIRST", "BACKOFF_MAX", "BUSY_TIMEOUT", "Connection"]
+__all__ = ["AUTOCHECKPOINT_PAGES", "BACKOFF_FIRST", "BACKOFF_MAX", "BUSY_TIMEOUT", "Connection", "decoding"]
 
 log = logging.getLogger("fh_tasks.store")
+T = TypeVar("T")
 
 #: WAL size (in pages) at which a commit checkpoints by itself, when no worker has done it first.
 AUTOCHECKPOINT_PAGES = 8000
@@ -226,17 +227,25 @@ class Connection:
         with self._lock:
             c = self._own_waits()
             try:
-                try: rows = self._retrying(lambda: c.execute(sql, params).fetchall())
-                except sqlite3.OperationalError as e:
-                    if "decode" not in str(e): raise
-                    c.text_factory = _lenient
-                    try: rows = self._retrying(lambda: c.execute(sql, params).fetchall())
-                    finally: c.text_factory = str
+                rows = decoding(c, _lenient, lambda: self._retrying(lambda: c.execute(sql, params).fetchall()))
             except sqlite3.Error as e: raise self._wrap(e, "read") from e
         return [JobRecord.from_row(dict(r)) for r in rows]
 
     def integrity(self) -> str:
         return str(self._read("PRAGMA quick_check")[0][0])
+
+
+def decoding(c: sqlite3.Connection, factory: Callable[[bytes], str], run: Callable[[], T],
+             undo: Callable[[], object] | None = None) -> T:
+    """`run()`, reading text as `str`. Should a text value it reads not be UTF-8 (SQLite's "Could not decode"
+    error), `undo()` (if given) and `run()` again reading text with `factory`; the connection reads `str` after."""
+    try: return run()
+    except sqlite3.OperationalError as e:
+        if "decode" not in str(e): raise
+    if undo is not None: undo()
+    c.text_factory = factory
+    try: return run()
+    finally: c.text_factory = str
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:

@@ -17,7 +17,7 @@ from ..errors import QueueBusy, QueueUnavailable
 from ..progress import ProgressBuffer
 from ..records import PRIORITY_STEP, JobRecord, JobState
 from . import Claim, NewJob, Outcome, WorkerInfo
-from .connection import BUSY_TIMEOUT, Connection
+from .connection import BUSY_TIMEOUT, Connection, decoding
 from .dashboard import DashboardQueries
 from .doorbell import Doorbell
 from .feed import SQLiteFeed
@@ -258,13 +258,7 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         escapes, so that the worker sees the row and fails it alone (`_bad_row`). Text is read as `str` first: a
         decoder called from Python for every text value of every row would cost each claim more than the savepoint."""
         c.execute("SAVEPOINT fh_claim")
-        try: rows = self._claim(c, *args)
-        except sqlite3.OperationalError as e:
-            if "decode" not in str(e): raise
-            c.execute("ROLLBACK TO fh_claim")
-            c.text_factory = _escaped
-            try: rows = self._claim(c, *args)
-            finally: c.text_factory = str
+        rows = decoding(c, _escaped, lambda: self._claim(c, *args), undo=lambda: c.execute("ROLLBACK TO fh_claim"))
         c.execute("RELEASE fh_claim")
         return rows
 
