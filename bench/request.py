@@ -27,14 +27,16 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
 @contextmanager
-def serve(variant: str, workdir: Path, redis: str, probe_dir: Path, tag: str) -> Iterator[str]:
-    "Start the app (and the variant's consumer) on a free port; yield its URL; stop everything by PID."
+def serve(variant: str, workdir: Path, redis: str, probe_dir: Path, tag: str,
+          extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the app (and the variant's consumer) on a free port; yield its URL; stop everything by PID. `extra_env`:
+    more environment for the processes (`bench/versus.py` sets PYTHONPATH to another version of fh-tasks)."""
     from .probe import ENV
     d = workdir / "request"
     d.mkdir(exist_ok=True)
     port = free_port()
     env = {"BENCH_VARIANT": variant, ENV: str(probe_dir), "BENCH_REDIS": redis, "BENCH_FH_DB": str(d / f"fh-{tag}.db"),
-           "BENCH_HUEY_KIND": "sqlite", "BENCH_HUEY_TARGET": str(d / f"huey-{tag}.db")}
+           "BENCH_HUEY_KIND": "sqlite", "BENCH_HUEY_TARGET": str(d / f"huey-{tag}.db"), **(extra_env or {})}
     side: list[Proc] = []
     if variant == "huey":
         side.append(Proc([PY, "-m", "huey.bin.huey_consumer", "bench.peers.huey_peer.huey", "-k", "thread", "-w", "1",

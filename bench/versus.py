@@ -19,10 +19,11 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
-from .common import PY, ROOT, Proc, cpu_ticks, free_port, log, steal_since, stop_all, wait_port
+from .common import PY, ROOT, cpu_ticks, log, steal_since
 
 #: The commit released as fh-tasks 0.1.0.
 RELEASE_0_1_0 = "3621683"
@@ -74,21 +75,12 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def _request(path: str, workdir: Path, seconds: float) -> dict[str, float]:
-    "req/s, p50 and p99 (ms) of bench/request_app.py's `fh` variant under `wrk -c8`, with fh-tasks from `path`."
-    from .request import wrk
-    port, d = free_port(), Path(tempfile.mkdtemp(dir=workdir))
-    env = {"PYTHONPATH": path, "BENCH_VARIANT": "fh", "BENCH_FH_DB": str(d / "jobs.db"), "BENCH_PROBE_DIR": str(d)}
-    server = Proc([PY, "-m", "uvicorn", "bench.request_app:app", "--host", "127.0.0.1", "--port", str(port),
-                   "--log-level", "warning", "--no-access-log"], env=env, log=d / "server.log")
-    try:
-        wait_port(port, proc=server)
-        url = f"http://127.0.0.1:{port}/"
+def _request(path: str, workdir: Path, seconds: float, tag: str) -> float:
+    "req/s of bench/request_app.py's `fh` variant under `wrk -c8`, with fh-tasks from `path`."
+    from .request import serve, wrk
+    with serve("fh", workdir, "", workdir, tag, extra_env={"PYTHONPATH": path}) as url:
         wrk(url, 2.0, 8)  # warm-up
-        r = wrk(url, seconds, 8)
-    finally:
-        stop_all([server])
-    return {"rps": r["rps"], "p50": r["p50"], "p99": r["p99"]}
+        return float(wrk(url, seconds, 8)["rps"])
 
 
 def measure(old: str, reps: int, defers: int, jobs: int, seconds: float, workdir: Path) -> dict[str, Any]:
@@ -99,7 +91,7 @@ def measure(old: str, reps: int, defers: int, jobs: int, seconds: float, workdir
         "drain, sync task, jobs/s": lambda p: _run(DRAIN, p, jobs, "sync"),
         "drain, async task, jobs/s": lambda p: _run(DRAIN, p, jobs, "async"),
     }
-    if shutil.which("wrk"): runs["request path, req/s"] = lambda p: _request(p, workdir, seconds)["rps"]
+    if shutil.which("wrk"): runs["request path, req/s"] = lambda p: _request(p, workdir, seconds, uuid.uuid4().hex)
     else: log("  (wrk is not installed: the request path is not measured)")
     out: dict[str, Any] = {}
     for name, fn in runs.items():
