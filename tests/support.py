@@ -61,6 +61,25 @@ def uvicorn_server(target: str, *, cwd: Path, env: dict[str, str] | None = None,
             except subprocess.TimeoutExpired: p.kill(); p.wait()
 
 
+@contextmanager
+def demo(tmp_path: Path, slow_delay: str = "0.05") -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """`make demo`'s script (examples/demo.py) on free ports, its store files and its output (`demo.log`) in
+    `tmp_path`, the slow service answering after `slow_delay` seconds; yields (process, dashboard port, slow service
+    port) once both listen. Killed at the end if still running."""
+    port, slow_port = free_port(), free_port()
+    env = {**os.environ, "DEMO_PORT": str(port), "SLOW_API_PORT": str(slow_port), "SLOW_API_DELAY": slow_delay,
+           "FH_TASKS_DB": str(tmp_path / "jobs.db"), "DASHBOARD_DB": str(tmp_path / "dash.db")}
+    with (tmp_path / "demo.log").open("wb") as log:
+        p = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py")], cwd=tmp_path, env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+        try:
+            wait_port(port, timeout=60, proc=p)
+            wait_port(slow_port, timeout=60, proc=p)
+            yield p, port, slow_port
+        finally:
+            if p.poll() is None: p.kill(); p.wait()
+
+
 def follow_pages(client: Any, url: str | None = "/tasks/jobs") -> list[str]:
     "The job ids of the dashboard's job list, following its \"Next page\" links from `url` to the last page."
     seen: list[str] = []

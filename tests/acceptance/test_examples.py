@@ -1,12 +1,9 @@
 """The seed's examples (examples/*.py) on fh-tasks, driven over HTTP against real uvicorn servers on loopback."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from support import ROOT, free_port, uvicorn_server, wait_port, wait_until
+from support import ROOT, demo, uvicorn_server, wait_until
 
 from fh_tasks.encoding import decode_args, decode_value
 
@@ -219,30 +216,18 @@ def children(pid: int) -> dict[int, str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_demo_serves_both_and_one_signal_stops_both(tmp_path: Path, sig: signal.Signals) -> None:
     # Given `make demo`'s script on free ports, with its files in tmp_path
-    port, slow_port = free_port(), free_port()
-    env = {**os.environ, "DEMO_PORT": str(port), "SLOW_API_PORT": str(slow_port), "SLOW_API_DELAY": "0.05",
-           "FH_TASKS_DB": str(tmp_path / "jobs.db"), "DASHBOARD_DB": str(tmp_path / "dash.db")}
-    log = (tmp_path / "demo.log").open("wb")
-    demo = subprocess.Popen([sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        # When it has started
-        wait_port(port, timeout=60, proc=demo)
-        wait_port(slow_port, timeout=60, proc=demo)
-        # Then it prints the link, the dashboard answers and its jobs reach the slow service
+    with demo(tmp_path) as (proc, port, slow_port):
+        # When it has started: it prints the link, the dashboard answers and its jobs reach the slow service
         wait_for(lambda: f"http://127.0.0.1:{port}" in (tmp_path / "demo.log").read_text(), what="the link")
         url = f"http://127.0.0.1:{port}"
         assert "Background Task Dashboard" in httpx.get(url + "/").text
         _, job_id = submit(url)
         wait_for(lambda: job_id in httpx.get(url + "/show_tstamps", headers=HX).text, what="the row appearing")
-        kids = children(demo.pid)
+        kids = children(proc.pid)
         assert sorted(c.split("uvicorn ")[1].split()[0] for c in kids.values()) == ["demo:app", "slow_api:app"]
         # And when it gets one signal
-        demo.send_signal(sig)
-        assert demo.wait(30) == 0
-    finally:
-        if demo.poll() is None: demo.kill(); demo.wait()
-        log.close()
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
     # Then both servers are gone and the ports are free
     assert [pid for pid in kids if Path(f"/proc/{pid}").exists()] == []
     for p in (port, slow_port):

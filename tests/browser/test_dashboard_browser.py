@@ -2,6 +2,7 @@
 SSE), the polled row in human times, and the toast when the job ends."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,18 +57,10 @@ def test_dashboard_button_shows_submit_then_polled_row(page: Page, tmp_path: Pat
 
 @pytest.mark.browser
 def test_make_demo_works_on_a_machine_without_internet(page: Page, tmp_path: Path) -> None:
-    import os
-    import re
-    import subprocess
-    import sys
-
     from playwright.sync_api import Route, expect
-    from support import free_port, wait_port
+    from support import demo
 
     # Given `make demo`'s script on free ports, and a browser that reaches nothing but this machine (no CDN)
-    port, slow_port = free_port(), free_port()
-    env = {**os.environ, "DEMO_PORT": str(port), "SLOW_API_PORT": str(slow_port), "SLOW_API_DELAY": "0.2",
-           "FH_TASKS_DB": str(tmp_path / "jobs.db"), "DASHBOARD_DB": str(tmp_path / "dash.db")}
     loopback = re.compile(r"^https?://127\.0\.0\.1:\d+/")
     asked: list[str] = []
 
@@ -77,23 +70,16 @@ def test_make_demo_works_on_a_machine_without_internet(page: Page, tmp_path: Pat
         else: route.abort()
 
     page.route("**/*", offline)  # registered last: it answers before the fixture's CDN stand-ins
-    with (tmp_path / "demo.log").open("wb") as log:
-        demo = subprocess.Popen([sys.executable, str(EXAMPLES / "demo.py")], cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        try:
-            wait_port(port, timeout=60, proc=demo)
-            # When the page is opened and its button pressed
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.get_by_role("button", name="Press to call slow service").click()
-            # Then htmx, served by the demo itself, posts it and keeps the job's status live until it succeeds
-            expect(page.locator("#res")).to_contain_text("Request submitted at", timeout=5_000)
-            job = page.locator("#jobs .fh-job").first
-            expect(job).to_have_attribute("data-state", "succeeded", timeout=15_000)
-            # And the page is styled by the demo's own Pico
-            assert page.evaluate("getComputedStyle(document.documentElement).getPropertyValue('--pico-font-family')")
-            assert any(u.endswith("/_demo/vendor/htmx") for u in asked)
-            assert any(u.endswith("/_demo/vendor/pico") for u in asked)
-            assert not [u for u in asked if "htmx.org@" in u or "/pico@" in u], asked
-        finally:
-            demo.terminate()
-            demo.wait(30)
+    with demo(tmp_path, slow_delay="0.2") as (_, port, _):
+        # When the page is opened and its button pressed
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_role("button", name="Press to call slow service").click()
+        # Then htmx, served by the demo itself, posts it and keeps the job's status live until it succeeds
+        expect(page.locator("#res")).to_contain_text("Request submitted at", timeout=5_000)
+        job = page.locator("#jobs .fh-job").first
+        expect(job).to_have_attribute("data-state", "succeeded", timeout=15_000)
+        # And the page is styled by the demo's own Pico
+        assert page.evaluate("getComputedStyle(document.documentElement).getPropertyValue('--pico-font-family')")
+        assert any(u.endswith("/_demo/vendor/htmx") for u in asked)
+        assert any(u.endswith("/_demo/vendor/pico") for u in asked)
+        assert not [u for u in asked if "htmx.org@" in u or "/pico@" in u], asked
