@@ -1,9 +1,10 @@
 """SQLiteFeed: job events from any process sharing one SQLite store.
 
-Triggers append every change of a job to `fh_events` while a listener is registered in `fh_listeners`
-(migration 003). The feed registers this process, then a thread watches `PRAGMA data_version` on a
-connection of its own (it changes whenever any other connection commits) and reads the new rows after the
-last `seq` it saw. One feed serves every subscriber of the process; nobody polls the job table.
+Triggers append every change of a job to `fh_events`; they exist while a listener is registered in
+`fh_listeners` (migrations 003 and 011). The feed registers this process, then a thread watches
+`PRAGMA data_version` on a connection of its own (it changes whenever any other connection commits) and reads
+the new rows after the last `seq` it saw. One feed serves every subscriber of the process; nobody polls the job
+table.
 """
 from __future__ import annotations
 

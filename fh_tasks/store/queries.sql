@@ -5,7 +5,8 @@
 INSERT INTO fh_jobs (id, task, queue, args, state, max_attempts, timeout, run_at, created_at, parent, owner,
                     priority, ukey, limit_key, takes, grp)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (ukey) WHERE ukey IS NOT NULL AND state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running')
+ON CONFLICT (ukey) WHERE ukey IS NOT NULL
+    AND (state = 'waiting' OR state = 'scheduled' OR state = 'queued' OR state = 'retrying' OR state = 'running')
 DO NOTHING;
 
 -- name: insert_claimed
@@ -13,13 +14,15 @@ DO NOTHING;
 INSERT INTO fh_jobs (id, task, queue, args, state, attempts, max_attempts, timeout, run_at, created_at,
                      worker, lease_until, started_at, owner, priority, ukey, limit_key, takes, grp)
 VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (ukey) WHERE ukey IS NOT NULL AND state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running')
+ON CONFLICT (ukey) WHERE ukey IS NOT NULL
+    AND (state = 'waiting' OR state = 'scheduled' OR state = 'queued' OR state = 'retrying' OR state = 'running')
 DO NOTHING;
 
 -- name: live_key
 -- The live job holding a uniqueness key (through fh_jobs_ukey).
 SELECT id FROM fh_jobs
- WHERE ukey = :key AND ukey IS NOT NULL AND state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running');
+ WHERE ukey = :key AND ukey IS NOT NULL
+   AND (state = 'waiting' OR state = 'scheduled' OR state = 'queued' OR state = 'retrying' OR state = 'running');
 
 -- name: claim
 -- One statement claims a batch: the due jobs of the queues in due order (run_at - priority * 60, then seq: see
@@ -54,10 +57,10 @@ RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, ru
 -- Only jobs of the tasks the worker can run (:tasks, a JSON list of names; NULL: any task): a job nobody here
 -- can run stays queued for a worker that can. Jobs with a limit_key are claimed by their own step (limits, below).
 SELECT * FROM (SELECT seq, run_at - priority * 60.0 AS rank, {i} AS k, run_at FROM fh_jobs
-                WHERE queue = :q{i} AND state IN ('queued', 'scheduled', 'retrying')
+                WHERE queue = :q{i} AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying')
                   AND run_at - priority * 60.0 <= :now - 60.0 * coalesce(
                       (SELECT priority FROM fh_jobs INDEXED BY fh_jobs_lowered
-                        WHERE priority < 0 AND state IN ('queued', 'scheduled', 'retrying')
+                        WHERE priority < 0 AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying')
                         ORDER BY priority LIMIT 1), 0)
                   AND run_at <= :now AND limit_key IS NULL
                   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
@@ -69,7 +72,8 @@ SELECT * FROM (SELECT seq, run_at - priority * 60.0 AS rank, {i} AS k, run_at FR
 -- (:alone), and takes nothing for a busy worker while one waits, so that it drains and takes it.
 -- INDEXED BY: left to itself the planner may read every queued job through fh_jobs_state instead.
 SELECT seq, run_at FROM fh_jobs INDEXED BY fh_jobs_suspect
- WHERE lost > 0 AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now AND limit_key IS NULL
+ WHERE lost > 0 AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying')
+   AND run_at <= :now AND limit_key IS NULL
    AND queue IN (SELECT value FROM json_each(:queues))
    AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
  ORDER BY run_at, seq LIMIT 1
@@ -93,9 +97,22 @@ UPDATE fh_jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL
 
 -- name: release_children_of
 -- The next jobs of the chains whose previous job (one of :ids) has just succeeded.
+-- The EXISTS, read first (it depends on no row), ends the statement at once while no job waits, the common case.
+-- (+j.state: each of :ids through the id index, not every succeeded job through fh_jobs_state.)
 UPDATE fh_jobs SET state = 'queued', run_at = :now
  WHERE state = 'waiting' AND parent IN (SELECT j.id FROM json_each(:ids) AS i JOIN fh_jobs AS j ON j.id = i.value
-                                         WHERE j.state = 'succeeded');
+                                         WHERE +j.state = 'succeeded')
+   AND EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_waiting WHERE state = 'waiting');
+
+-- name: release_groups_of
+-- The callbacks of the groups (migrations 009, 012) whose member, one of :ids, has just succeeded, once every member
+-- of the group succeeded. (+state, +j.state: through the id index, not every waiting or succeeded job.)
+UPDATE fh_jobs SET state = 'queued', run_at = :now
+ WHERE +state = 'waiting'
+   AND id IN (SELECT j.grp FROM json_each(:ids) AS i JOIN fh_jobs AS j ON j.id = i.value
+               WHERE j.grp IS NOT NULL AND +j.state = 'succeeded')
+   AND NOT EXISTS (SELECT 1 FROM fh_jobs AS m WHERE m.grp = fh_jobs.id AND m.state <> 'succeeded')
+   AND EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_waiting WHERE state = 'waiting');
 
 -- name: cancel_children
 UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
@@ -153,7 +170,8 @@ SELECT count(DISTINCT worker) FROM fh_jobs WHERE state = 'running';
 -- name: waiting_by_task
 -- Jobs waiting for a worker (due or not yet), per task and queue.
 SELECT task, queue, sum(state IN ('queued', 'retrying')) AS due, sum(state = 'scheduled') AS later
-  FROM fh_jobs WHERE state IN ('queued', 'scheduled', 'retrying') GROUP BY task, queue ORDER BY task, queue;
+  FROM fh_jobs WHERE (state = 'queued' OR state = 'scheduled' OR state = 'retrying')
+ GROUP BY task, queue ORDER BY task, queue;
 
 -- name: expired
 -- Is any lease expired? (the cheap look the sweep takes before anything else). A lease that is not a number
@@ -197,7 +215,8 @@ UPDATE fh_jobs SET state = 'cancelled', finished_at = :now, error = :error
 
 -- name: cancelled_among
 -- Which of a worker's running jobs (a JSON array of ids) were cancelled: one indexed lookup per id, one statement.
-SELECT id, attempts FROM fh_jobs WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'cancelled';
+-- (+state: through the id index, not every cancelled job through fh_jobs_state.)
+SELECT id, attempts FROM fh_jobs WHERE id IN (SELECT value FROM json_each(:ids)) AND +state = 'cancelled';
 
 -- name: requeue
 -- Run a finished (failed or cancelled) job again, with a fresh set of attempts. `attempts` is the fencing token and
@@ -208,7 +227,8 @@ UPDATE fh_jobs SET state = 'queued', run_at = :now, excused = attempts, max_atte
        finished_at = NULL, error = NULL, result = NULL
  WHERE id = :id AND state IN ('failed', 'cancelled')
    AND (ukey IS NULL OR NOT EXISTS (SELECT 1 FROM fh_jobs AS o WHERE o.ukey = fh_jobs.ukey
-                                     AND o.state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running')));
+                                     AND (o.state = 'waiting' OR o.state = 'scheduled' OR o.state = 'queued'
+                                          OR o.state = 'retrying' OR o.state = 'running')));
 
 -- name: progress
 UPDATE fh_jobs SET progress = :progress WHERE id = :id AND state = 'running' AND attempts = :attempt;
@@ -262,8 +282,43 @@ SELECT state FROM fh_jobs WHERE id = :id;
 -- name: unwait
 UPDATE fh_jobs SET state = 'queued', run_at = :now WHERE id = :id AND state = 'waiting';
 
+-- name: events_stored_trigger
+-- The job-event triggers (migrations 003 and 011): created while a listener is registered, dropped when none is
+-- (`SQLiteStore._events_on_demand`). A job stored already claimed (handed to an in-process worker with the
+-- request's commit) announces both.
+CREATE TRIGGER IF NOT EXISTS fh_jobs_stored AFTER INSERT ON fh_jobs BEGIN
+    INSERT INTO fh_events (job, task, kind, state, attempt, progress, at)
+    SELECT new.id, new.task, k.kind, CASE WHEN k.n = 0 AND new.state = 'running' THEN 'queued' ELSE new.state END,
+           CASE WHEN k.n = 0 THEN 0 ELSE new.attempts END, NULL, (julianday('now') - 2440587.5) * 86400.0
+      FROM (SELECT 0 AS n, 'stored' AS kind UNION ALL SELECT 1, 'started' WHERE new.state = 'running') AS k
+     ORDER BY k.n;
+END;
+
+-- name: events_changed_trigger
+CREATE TRIGGER IF NOT EXISTS fh_jobs_changed AFTER UPDATE OF state, progress, attempts ON fh_jobs
+WHEN new.state IS NOT old.state OR new.progress IS NOT old.progress OR new.attempts IS NOT old.attempts BEGIN
+    INSERT INTO fh_events (job, task, kind, state, attempt, progress, at)
+    VALUES (new.id, new.task,
+            CASE WHEN new.state IS old.state AND new.attempts IS old.attempts THEN 'progress'
+                 WHEN new.state = 'running' THEN 'started'
+                 WHEN new.state = 'queued' OR new.state = 'scheduled' OR new.state = 'waiting' THEN 'queued'
+                 ELSE new.state END,
+            new.state, new.attempts, new.progress, (julianday('now') - 2440587.5) * 86400.0);
+END;
+
+-- name: events_triggers
+-- How many of the two job-event triggers exist (0 or 2), and whether a listener is registered.
+SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ('fh_jobs_stored', 'fh_jobs_changed')),
+       EXISTS (SELECT 1 FROM fh_listeners);
+
+-- name: drop_events_stored_trigger
+DROP TRIGGER IF EXISTS fh_jobs_stored;
+
+-- name: drop_events_changed_trigger
+DROP TRIGGER IF EXISTS fh_jobs_changed;
+
 -- name: listen_events
--- Register (or renew) an event listener: the fh_events triggers write while one is registered.
+-- Register (or renew) an event listener: the fh_events triggers exist while one is registered.
 INSERT INTO fh_listeners (id, until) VALUES (:id, :until) ON CONFLICT (id) DO UPDATE SET until = excluded.until;
 
 -- name: last_event
@@ -305,7 +360,7 @@ SELECT task, count(*) FROM fh_jobs INDEXED BY fh_jobs_state WHERE state = :state
 -- name: dash_queues
 -- Due jobs per queue and since when the oldest has been due (the claim's own index, fh_jobs_due).
 SELECT queue, count(*), min(run_at) FROM fh_jobs
- WHERE state IN ('queued', 'scheduled', 'retrying') AND run_at <= :now GROUP BY queue;
+ WHERE (state = 'queued' OR state = 'scheduled' OR state = 'retrying') AND run_at <= :now GROUP BY queue;
 
 -- name: dash_succeeded_per_minute
 SELECT CAST((finished_at - :since) / 60 AS INTEGER) AS minute, count(*) FROM fh_jobs
@@ -353,7 +408,8 @@ UPDATE fh_jobs SET state = 'queued', run_at = :now, excused = attempts, max_atte
        finished_at = NULL, error = NULL, result = NULL
  WHERE task = :task AND state = 'failed'
    AND (ukey IS NULL OR NOT EXISTS (SELECT 1 FROM fh_jobs AS o WHERE o.ukey = fh_jobs.ukey
-                                     AND o.state IN ('waiting', 'scheduled', 'queued', 'retrying', 'running'))
+                                     AND (o.state = 'waiting' OR o.state = 'scheduled' OR o.state = 'queued'
+                                          OR o.state = 'retrying' OR o.state = 'running'))
                         AND seq = (SELECT max(o.seq) FROM fh_jobs AS o WHERE o.ukey = fh_jobs.ukey AND o.task = :task
                                                                          AND o.state = 'failed'));
 
@@ -404,7 +460,7 @@ SELECT key, tat FROM fh_limits WHERE tat > :now;
 -- due order, through the index of waiting limited jobs (`lost` is read from the table for the rows returned only).
 -- At most :scan: a read that costs the same whatever backlog a full key has (see `_limited_candidates`).
 SELECT seq, limit_key, task, lost, run_at FROM fh_jobs INDEXED BY fh_jobs_limited
- WHERE limit_key IS NOT NULL AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :until
+ WHERE limit_key IS NOT NULL AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying') AND run_at <= :until
    AND queue IN (SELECT value FROM json_each(:queues)) AND task IN (SELECT value FROM json_each(:tasks))
  ORDER BY run_at, seq LIMIT :scan;
 
@@ -413,17 +469,17 @@ SELECT seq, limit_key, task, lost, run_at FROM fh_jobs INDEXED BY fh_jobs_limite
 -- scan of fh_jobs_limit_waiting), however many jobs each key has waiting.
 WITH RECURSIVE k(key) AS (
     SELECT (SELECT min(limit_key) FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
-             WHERE limit_key IS NOT NULL AND state IN ('queued', 'scheduled', 'retrying'))
+             WHERE limit_key IS NOT NULL AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying'))
     UNION ALL
     SELECT (SELECT min(limit_key) FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
-             WHERE limit_key > k.key AND state IN ('queued', 'scheduled', 'retrying'))
+             WHERE limit_key > k.key AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying'))
       FROM k WHERE k.key IS NOT NULL LIMIT :keys)
 SELECT key FROM k WHERE key IS NOT NULL AND key NOT IN (SELECT value FROM json_each(:blocked));
 
 -- name: limited_key_due
 -- `limited_due` for one key.
 SELECT seq, limit_key, task, lost, run_at FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
- WHERE limit_key = :key AND state IN ('queued', 'scheduled', 'retrying') AND run_at <= :until
+ WHERE limit_key = :key AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying') AND run_at <= :until
    AND queue IN (SELECT value FROM json_each(:queues)) AND task IN (SELECT value FROM json_each(:tasks))
  ORDER BY run_at, seq LIMIT :scan;
 
@@ -433,7 +489,7 @@ SELECT seq, limit_key, task, lost, run_at FROM fh_jobs INDEXED BY fh_jobs_limit_
 SELECT min(l.tat) FROM fh_limits AS l
  WHERE l.tat > :now AND l.key NOT IN (SELECT value FROM json_each(:blocked))
    AND EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_limit_waiting
-                WHERE limit_key = l.key AND state IN ('queued', 'scheduled', 'retrying')
+                WHERE limit_key = l.key AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying')
                   AND run_at <= CASE WHEN :now_only THEN :now ELSE l.tat END
                   AND queue IN (SELECT value FROM json_each(:queues))
                   AND task IN (SELECT value FROM json_each(:tasks)));
@@ -442,7 +498,8 @@ SELECT min(l.tat) FROM fh_limits AS l
 -- Claim the limited jobs `_claim_limited` chose, by rowid (+state: not through fh_jobs_state).
 UPDATE fh_jobs SET state = 'running', attempts = attempts + 1, worker = :worker,
        lease_until = :lease_until, started_at = :now
- WHERE seq IN (SELECT value FROM json_each(:seqs)) AND +state IN ('queued', 'scheduled', 'retrying')
+ WHERE seq IN (SELECT value FROM json_each(:seqs))
+   AND (+state = 'queued' OR +state = 'scheduled' OR +state = 'retrying')
 RETURNING id, task, queue, args, attempts, max_attempts, timeout, created_at, run_at, seq, lost, priority, takes;
 
 -- name: limit_start

@@ -76,17 +76,26 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         before, or an earlier one of `jobs`) is not stored: its `id` becomes the live job's once committed."""
         if not jobs: return
         if self.durability == "full": return self._group_enqueue(jobs)
+        if len(jobs) == 1 and jobs[0].key is None and not jobs[0].parent: return self._insert_one(jobs[0])
         with self._tx("enqueue") as c:
             dup = self._insert(c, jobs)
         _point_at_live(jobs, dup)
+        self._committed()
+
+    def _insert_one(self, j: NewJob) -> None:
+        """`defer()` outside a request: one job without a uniqueness key or a chain to settle, so one statement,
+        run on its own (SQLite makes it a transaction, triggers included) rather than between BEGIN and COMMIT.
+        A busy store answers before anything is written, so the statement is simply tried again."""
+        with self._lock:
+            try: self._retrying(self._own_waits().execute, Q["insert"], _row(j))
+            except sqlite3.Error as e: raise self._wrap(e, "enqueue") from e
         self._committed()
 
     def _insert(self, c: sqlite3.Connection, jobs: Sequence[NewJob]) -> dict[int, str]:
         """Insert `jobs`; returns {index in `jobs`: the live job's id} for those not stored because a live job holds
         their key (fh_jobs_ukey; the insert does nothing on that conflict, so concurrent defers never fail). The
         caller points them at the live job once the transaction commits (`_point_at_live`)."""
-        rows = [(j.id, j.task, j.queue, j.args, _state(j), j.max_attempts, j.timeout, j.run_at, j.created_at,
-                 j.parent, j.owner, j.priority, j.key, j.limit_key, j.takes, j.group) for j in jobs]
+        rows = [_row(j) for j in jobs]
         dup = self._insert_keyed(c, Q["insert"], jobs, rows)
         for i, j in enumerate(jobs):
             if j.parent and i not in dup: self._settle_child(c, j)
@@ -212,11 +221,9 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         outcomes, now = list(outcomes), self.clock()
         if queues: queues = self._unpaused(queues)  # paused queues (the dashboard) are skipped; cached for a second
         if not outcomes and not self._any_due(queues, tasks, now, limits): return 0, []  # no lock taken for nothing
-        with self._tx("record results and claim jobs") as c:
-            accepted = self._record(c, outcomes, now)
-            rows = self._claim_rows(c, worker, queues, limit, lease, now, tasks, alone, ordered, limits) \
-                if limit > 0 and queues else []
-            if rows and _taking(rows): rows = self._with_inputs(c, rows, now)
+        claim = (worker, queues, limit, lease, now, tasks, alone, ordered, limits) if limit > 0 and queues else None
+        try: accepted, rows = self._round(outcomes, now, claim, careful=False)
+        except _Careful: accepted, rows = self._round(outcomes, now, claim, careful=True)
         # RETURNING gives rows in no set order: hand them out in the order they were due (whatever a row holds).
         if ordered:
             pos = {q: i for i, q in enumerate(queues)}
@@ -226,6 +233,31 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
             except TypeError: rows.sort(key=_due_order)  # a row written behind the store's back
         claims = [Claim(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], now, suspect=bool(r[10])) for r in rows]
         return accepted, claims
+
+    def _round(self, outcomes: list[Outcome], now: float, claim: tuple[Any, ...] | None,
+               careful: bool) -> tuple[int, list[sqlite3.Row]]:
+        """One transaction of `finish_and_claim`. The plain round writes the outcomes and claims with no savepoint.
+        Should an outcome fail to be written for a reason other than a busy or unavailable store, or a claimed row
+        hold text that is not UTF-8 (rows written behind the store's back), it raises `_Careful`: the transaction is
+        undone and the round made again, `careful`, with savepoints: one outcome that cannot be stored never holds
+        back the others (`_record`), and the claim reads such text escaped (`_claim_rows`)."""
+        with self._tx("record results and claim jobs") as c:
+            if careful: accepted = self._record(c, outcomes, now)
+            elif not outcomes: accepted = 0
+            else:
+                try: accepted = self._finish(c, outcomes, now)
+                except Exception as e:
+                    self._check_recoverable(c, e)
+                    raise _Careful from e
+            if claim is None: rows = []
+            elif careful: rows = self._claim_rows(c, *claim)
+            else:
+                try: rows = self._claim(c, *claim)
+                except sqlite3.OperationalError as e:
+                    if "decode" not in str(e): raise
+                    raise _Careful from e
+            if rows and _taking(rows): rows = self._with_inputs(c, rows, now)
+        return accepted, rows
 
     def _any_due(self, queues: Sequence[str], tasks: str | None, now: float, limits: Limits | None = None) -> bool:
         """A job of these queues (and tasks) is due: a read, which never waits for the write lock. Workers of several
@@ -297,10 +329,14 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
 
     def _roll_back_to(self, savepoint: str, c: sqlite3.Connection, e: Exception) -> None:
         "Undo a failed write back to `savepoint`; re-raise `e` if the store is busy or unavailable, or the tx is gone."
+        self._check_recoverable(c, e)
+        c.execute(f"ROLLBACK TO {savepoint}")
+
+    def _check_recoverable(self, c: sqlite3.Connection, e: Exception) -> None:
+        "Re-raise `e`, a failed write of outcomes, if the store is busy or unavailable, or the transaction is gone."
         if not c.in_transaction: raise e
         if isinstance(e, sqlite3.Error) and isinstance(self._wrap(e, "record outcomes"), (QueueBusy, QueueUnavailable)):
             raise e
-        c.execute(f"ROLLBACK TO {savepoint}")
 
     def _finish(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
         # An attempt's last recorded progress is committed with its outcome, and before it (the write is fenced).
@@ -311,7 +347,9 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         if (ok := by_kind.get("succeed")):
             accepted += c.executemany(Q["succeed"], [{"id": o.id, "attempt": o.attempt, "now": now, "result": o.result}
                                                      for o in ok]).rowcount
-            c.execute(Q["release_children_of"], {"ids": json.dumps([o.id for o in ok]), "now": now})
+            ids = json.dumps([o.id for o in ok])
+            c.execute(Q["release_children_of"], {"ids": ids, "now": now})
+            c.execute(Q["release_groups_of"], {"ids": ids, "now": now})
         if (rt := by_kind.get("retry")):
             accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error,
                                                     "run_at": o.run_at}
@@ -469,13 +507,17 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
 
     # -- job events (see store/feed.py) ------------------------------------------------------------
     def listen_events(self, listener: str, ttl: float) -> int:
-        "Register (or renew) an event listener for `ttl` seconds; returns the last event's seq."
+        """Register (or renew) an event listener for `ttl` seconds; returns the last event's seq. Every change
+        committed after this returns is in fh_events."""
         with self._tx("register an event listener") as c:
             c.execute(Q["listen_events"], {"id": listener, "until": self.clock() + ttl})
+            _events_on_demand(c)
             return int(c.execute(Q["last_event"]).fetchone()[0])
 
     def unlisten_events(self, listener: str) -> None:
-        with self._tx("unregister an event listener") as c: c.execute(Q["unlisten_events"], {"id": listener})
+        with self._tx("unregister an event listener") as c:
+            c.execute(Q["unlisten_events"], {"id": listener})
+            _events_on_demand(c)
 
     def feed(self) -> SQLiteFeed:
         "An event feed over this store (the engine's `EventBus` starts it while somebody listens)."
@@ -486,8 +528,32 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         now = self.clock()
         with self._tx("prune job events") as c:
             c.execute(Q["expire_listeners"], {"now": now})
+            _events_on_demand(c)
             c.execute(Q["prune_limits"], {"before": now - 60.0})  # rate windows long open (fh_tasks/limits.py)
             return c.execute(Q["prune_events"], {"keep": keep, "before": now - max_age}).rowcount
+
+
+class _Careful(Exception):
+    "A plain round of `finish_and_claim` met a row or an outcome that needs the careful round (`_round`)."
+
+
+def _events_on_demand(c: sqlite3.Connection) -> None:
+    """Create the job-event triggers if a listener is registered, drop them if none is (migration 011): a store
+    nobody watches pays nothing for events. Only a change of presence touches the schema (every connection then
+    prepares its statements again), not a listener's renewal."""
+    have, wanted = c.execute(Q["events_triggers"]).fetchone()
+    if wanted and have < 2:
+        c.execute(Q["events_stored_trigger"])
+        c.execute(Q["events_changed_trigger"])
+    elif not wanted and have:
+        c.execute(Q["drop_events_stored_trigger"])
+        c.execute(Q["drop_events_changed_trigger"])
+
+
+def _row(j: NewJob) -> tuple[Any, ...]:
+    "The parameters of query `insert` for `j`."
+    return (j.id, j.task, j.queue, j.args, _state(j), j.max_attempts, j.timeout, j.run_at, j.created_at, j.parent,
+            j.owner, j.priority, j.key, j.limit_key, j.takes, j.group)
 
 
 def _state(j: NewJob) -> str:

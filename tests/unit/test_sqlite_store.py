@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -470,3 +471,74 @@ def test_a_lock_held_past_busy_timeout_raises_queue_busy_and_other_callers_keep_
     finally:
         other.close()
         s.close()
+
+
+def test_event_triggers_exist_only_while_a_listener_is_registered(store, db, clock):
+    def triggers() -> set[str]:
+        with sqlite3.connect(db) as c:
+            return {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")} & {
+                "fh_jobs_stored", "fh_jobs_changed"}
+
+    def events() -> list[tuple[str, str]]:
+        with sqlite3.connect(db) as c: return c.execute("SELECT job, kind FROM fh_events ORDER BY seq").fetchall()
+
+    def schema() -> int:
+        with sqlite3.connect(db) as c: return int(c.execute("PRAGMA schema_version").fetchone()[0])
+
+    # Given a store nobody listens to: no event triggers, and a stored job leaves no event
+    quiet = new(clock)
+    store.enqueue([quiet])
+    assert triggers() == set() and events() == []
+    # When a listener registers, the triggers exist and changes are announced from then on
+    store.listen_events("a", 30)
+    assert triggers() == {"fh_jobs_stored", "fh_jobs_changed"}
+    heard = new(clock)
+    store.enqueue([heard])
+    assert events() == [(heard.id, "stored")]
+    # And renewing a registration does not touch the schema (connections keep their prepared statements)
+    was = schema()
+    store.listen_events("a", 30)
+    assert schema() == was
+    # When a second listener comes and the first leaves, a change made by another connection is still announced
+    store.listen_events("b", 30)
+    store.unlisten_events("a")
+    with sqlite3.connect(db) as c: c.execute("UPDATE fh_jobs SET state = 'cancelled' WHERE id = ?", (quiet.id,))
+    assert events()[-1] == (quiet.id, "cancelled")
+    # When the last listener leaves, the triggers go, and changes cost no event any more
+    store.unlisten_events("b")
+    assert triggers() == set()
+    store.cancel(heard.id)
+    assert events()[-1] == (quiet.id, "cancelled")
+    # And a listener whose process died without unregistering is expired by the pruning, triggers with it
+    store.listen_events("c", 30)
+    assert triggers() == {"fh_jobs_stored", "fh_jobs_changed"}
+    clock.advance(60)
+    store.prune_events()
+    assert triggers() == set()
+
+
+def test_no_index_or_trigger_condition_lists_three_values_or_more(store, db):
+    # SQLite evaluates `x IN ('a', 'b', 'c')` by building a temporary table of the values once per statement, and an
+    # index's condition is evaluated on every insert and update of its columns: the conditions use OR instead
+    store.listen_events("a", 30)  # the job-event triggers exist while somebody listens
+    with sqlite3.connect(db) as c:
+        schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE type IN ('index', 'trigger') "
+                           "AND sql IS NOT NULL").fetchall()
+    assert {"fh_jobs_due", "fh_jobs_ukey", "fh_jobs_stored", "fh_jobs_changed"} <= {n for _, n, _ in schema}
+    long_lists = [n for _, n, sql in schema if re.search(r"\bIN\s*\(\s*'[^)]*',[^)]*,[^)]*\)", sql, re.I)]
+    assert long_lists == []
+
+
+def test_statements_given_job_ids_find_them_through_the_id_index(store, db):
+    # A worker records successes while jobs of chains wait, and checks its running jobs for cancellation: those
+    # statements look up the ids they are given, and never read every succeeded or cancelled job of the store
+    from fh_tasks.store.sqlite import Q
+    store.counts()  # the file exists, with its schema
+    with sqlite3.connect(db) as c:
+        for name in ("release_children_of", "release_groups_of", "cancelled_among"):
+            sql = Q[name]
+            plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, dict.fromkeys(re.findall(r":(\w+)", sql)))]
+            lookups = [p for p in plan if "fh_jobs_state" in p and "state=?" in p]
+            assert name != "cancelled_among" or not lookups, plan
+            assert any("sqlite_autoindex_fh_jobs_1 (id=?)" in p for p in plan), (name, plan)
+            assert not any(p.startswith("SEARCH j USING INDEX fh_jobs_state") for p in plan), (name, plan)
