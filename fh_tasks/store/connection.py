@@ -249,5 +249,7 @@ def decoding(c: sqlite3.Connection, factory: Callable[[bytes], str], run: Callab
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
+    """Another connection holds the lock, or changed the schema faster than SQLite re-prepares the statement (the job
+    event triggers come and go with listeners: migration 011). Either way nothing was done, and trying again is safe."""
     msg = str(e)
-    return "locked" in msg or "busy" in msg
+    return "locked" in msg or "busy" in msg or "schema has changed" in msg

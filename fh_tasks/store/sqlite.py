@@ -511,13 +511,11 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         committed after this returns is in fh_events."""
         with self._tx("register an event listener") as c:
             c.execute(Q["listen_events"], {"id": listener, "until": self.clock() + ttl})
-            _events_on_demand(c)
+            _events_on_demand(c, drop=False)
             return int(c.execute(Q["last_event"]).fetchone()[0])
 
     def unlisten_events(self, listener: str) -> None:
-        with self._tx("unregister an event listener") as c:
-            c.execute(Q["unlisten_events"], {"id": listener})
-            _events_on_demand(c)
+        with self._tx("unregister an event listener") as c: c.execute(Q["unlisten_events"], {"id": listener})
 
     def feed(self) -> SQLiteFeed:
         "An event feed over this store (the engine's `EventBus` starts it while somebody listens)."
@@ -528,7 +526,7 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         now = self.clock()
         with self._tx("prune job events") as c:
             c.execute(Q["expire_listeners"], {"now": now})
-            _events_on_demand(c)
+            _events_on_demand(c, drop=True)
             c.execute(Q["prune_limits"], {"before": now - 60.0})  # rate windows long open (fh_tasks/limits.py)
             return c.execute(Q["prune_events"], {"keep": keep, "before": now - max_age}).rowcount
 
@@ -537,15 +535,17 @@ class _Careful(Exception):
     "A plain round of `finish_and_claim` met a row or an outcome that needs the careful round (`_round`)."
 
 
-def _events_on_demand(c: sqlite3.Connection) -> None:
-    """Create the job-event triggers if a listener is registered, drop them if none is (migration 011): a store
-    nobody watches pays nothing for events. Only a change of presence touches the schema (every connection then
-    prepares its statements again), not a listener's renewal."""
+def _events_on_demand(c: sqlite3.Connection, drop: bool) -> None:
+    """Create the job-event triggers if a listener is registered and they are missing; with `drop`, drop them if no
+    listener is (migration 011): a store nobody watches pays nothing for events. Registrations only create them and
+    the workers' periodic pruning (`prune_events`, once a minute) drops them, so listeners coming and going change
+    the schema at most about twice a minute (every other connection then prepares its statements again), and a
+    renewal never does."""
     have, wanted = c.execute(Q["events_triggers"]).fetchone()
     if wanted and have < 2:
         c.execute(Q["events_stored_trigger"])
         c.execute(Q["events_changed_trigger"])
-    elif not wanted and have:
+    elif drop and not wanted and have:
         c.execute(Q["drop_events_stored_trigger"])
         c.execute(Q["drop_events_changed_trigger"])
 

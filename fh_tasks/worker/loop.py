@@ -160,7 +160,10 @@ class Worker(Runs, Upkeep):
 
     async def _serve(self) -> None:
         assert self._wake is not None
-        seen = self.store.data_version()
+        try: seen = self.store.data_version()
+        except Exception:  # the first idle wait reads it again
+            self.log.exception("could not read the job store's change counter; trying again")
+            seen = -1
         while not self._stopping:
             self._wake.clear()
             asked, got = self._round()
@@ -171,8 +174,12 @@ class Worker(Runs, Upkeep):
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
                 except asyncio.TimeoutError:
-                    v = self.store.data_version()
-                    if v != seen or self._due_soon(): seen = v; break
+                    try:
+                        v = self.store.data_version()
+                        if v != seen or self._due_soon(): seen = v; break
+                    except Exception:  # the store could not be read: the next round tries it again
+                        self.log.exception("could not read the job store while idle; trying again")
+                        break
                     if self.burst and not self.running: break
 
     def _round(self) -> tuple[int, int]:
@@ -293,7 +300,10 @@ class Worker(Runs, Upkeep):
         # that runs a suspect job alone or drains for one.
         if self.poll_interval <= 0.05 or len(self.running) >= self.concurrency or self._waits():
             return self.poll_interval
-        t = self._next_due()
+        try: t = self._next_due()
+        except Exception:
+            self.log.exception("could not read when the next job falls due; polling")
+            return self.poll_interval
         return self.poll_interval if t is None else min(self.poll_interval, max(0.001, t - self.store.clock()))
 
     def _due_soon(self) -> bool:

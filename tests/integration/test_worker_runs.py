@@ -426,3 +426,41 @@ def test_sys_exit_in_a_task_fails_the_job_not_the_app(site):
         assert "sys.exit(3)" in a.error["traceback"]
         assert ok.defer().result(10) == "still serving"
         assert cli.get("/ping").status_code == 200
+
+
+def test_a_worker_whose_idle_reads_fail_goes_on_and_runs_the_job(tmp_path, caplog):
+    # Given a worker waiting for a delayed job, and a store whose idle reads (when is the next job due, did another
+    # process commit) fail a few times, as a store on a failing disk would
+    from fh_tasks import QueueUnavailable, Tasks
+    tasks = Tasks(db=str(tmp_path / "jobs.db"), workers=0)
+
+    @tasks.task(name="idle.later")
+    def later() -> str:
+        return "ran"
+
+    job = later.with_options(delay=0.4).defer()
+    store, failures = tasks.store, {"next_due": 2, "data_version": 2}
+    for name in failures:
+        real = getattr(store, name)
+
+        def failing(*a, _name=name, _real=real, **k):
+            if failures[_name] > 0:
+                failures[_name] -= 1
+                raise QueueUnavailable(f"cannot read job store: disk I/O error ({_name})")
+            return _real(*a, **k)
+        setattr(store, name, failing)
+    worker = tasks.worker(concurrency=1, poll_interval=0.1)
+
+    async def run() -> None:
+        running = asyncio.ensure_future(worker.run())
+        while tasks.get(job.id).state != "succeeded" and not running.done(): await asyncio.sleep(0.05)
+        worker.stop()
+        await asyncio.wait_for(running, 10)
+
+    # When it runs
+    asyncio.run(run())
+    # Then it logged the failed reads, went on, and ran the job once it was due
+    assert failures == {"next_due": 0, "data_version": 0}
+    assert tasks.get(job.id).state == "succeeded" and tasks.get(job.id).result == "ran"
+    assert "could not read" in caplog.text
+    tasks.store.close()

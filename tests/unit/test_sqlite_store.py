@@ -504,13 +504,18 @@ def test_event_triggers_exist_only_while_a_listener_is_registered(store, db, clo
     store.unlisten_events("a")
     with sqlite3.connect(db) as c: c.execute("UPDATE fh_jobs SET state = 'cancelled' WHERE id = ?", (quiet.id,))
     assert events()[-1] == (quiet.id, "cancelled")
-    # When the last listener leaves, the triggers go, and changes cost no event any more
+    # When the last listener leaves, the triggers stay until the workers' next pruning (listeners coming and going
+    # do not change the schema each time), which drops them: then changes cost no event any more
     store.unlisten_events("b")
+    assert triggers() == {"fh_jobs_stored", "fh_jobs_changed"}
+    store.prune_events()
     assert triggers() == set()
     store.cancel(heard.id)
     assert events()[-1] == (quiet.id, "cancelled")
     # And a listener whose process died without unregistering is expired by the pruning, triggers with it
     store.listen_events("c", 30)
+    assert triggers() == {"fh_jobs_stored", "fh_jobs_changed"}
+    store.prune_events()
     assert triggers() == {"fh_jobs_stored", "fh_jobs_changed"}
     clock.advance(60)
     store.prune_events()
@@ -542,3 +547,73 @@ def test_statements_given_job_ids_find_them_through_the_id_index(store, db):
             assert name != "cancelled_among" or not lookups, plan
             assert any("sqlite_autoindex_fh_jobs_1 (id=?)" in p for p in plan), (name, plan)
             assert not any(p.startswith("SEARCH j USING INDEX fh_jobs_state") for p in plan), (name, plan)
+
+
+def test_listeners_coming_and_going_while_jobs_are_stored_and_run_lose_nothing(db):
+    # Given a store whose event triggers come and go as listeners register and leave (a schema change each time,
+    # which every other connection meets at its next statement)
+    import asyncio
+
+    from fh_tasks import Tasks
+    tasks = Tasks(db=db, workers=0)
+
+    @tasks.task(name="churn.noop")
+    def noop(i: int) -> int:
+        return i
+
+    done, errors = threading.Event(), []
+
+    def churn() -> None:
+        s = SQLiteStore(db)
+        try:
+            n = 0
+            while not done.is_set():  # as fast as it goes: far more often than the workers' pruning would
+                s.listen_events(f"l{n % 2}", 30)
+                if n % 2:
+                    s.unlisten_events("l0"); s.unlisten_events("l1")
+                    s.prune_events()
+                n += 1
+            assert n > 20
+        except Exception as e: errors.append(e)
+        finally:
+            s.unlisten_events("l0"); s.unlisten_events("l1"); s.prune_events(); s.close()
+
+    def produce() -> None:
+        try:
+            other = Tasks(db=db, workers=0)
+            t = other.task(name="churn.noop")(lambda i: i)
+            for i in range(600): t.defer(i)
+        except Exception as e: errors.append(e)
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=produce)]
+    for t in threads: t.start()
+    # When a worker runs the jobs meanwhile
+    try:
+        while threads[1].is_alive() or tasks.counts().get("queued"):
+            asyncio.run(tasks.worker(burst=True, concurrency=4).run())
+    finally:
+        done.set()
+        for t in threads: t.join()
+    # Then every job ran once and succeeded, nothing failed, and no trigger is left behind
+    assert errors == [] and tasks.counts() == {"succeeded": 600}
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('fh_jobs_stored', 'fh_jobs_changed')"
+                         ).fetchone()[0] == 0
+    tasks.store.close()
+
+
+def test_a_statement_that_meets_a_schema_change_is_run_again(db):
+    # SQLite re-prepares a statement whose schema changed a bounded number of times, then answers "database schema has
+    # changed": nothing was done, and the store runs it again, as it does for a busy store
+    s = SQLiteStore(db)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3: raise sqlite3.OperationalError("database schema has changed")
+        return "done"
+
+    assert s._retrying(flaky) == "done" and len(calls) == 3
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        s._retrying(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: x")))
+    s.close()
