@@ -98,8 +98,9 @@ UPDATE fh_jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL
 -- name: release_children_of
 -- The next jobs of the chains whose previous job (one of :ids) has just succeeded.
 -- The EXISTS, read first (it depends on no row), ends the statement at once while no job waits, the common case.
--- (+j.state: each of :ids through the id index, not every succeeded job through fh_jobs_state.)
-UPDATE fh_jobs SET state = 'queued', run_at = :now
+-- INDEXED BY, +j.state: the waiting children of each of :ids through fh_jobs_waiting, and :ids through the id index,
+-- not every waiting or succeeded job through fh_jobs_state.
+UPDATE fh_jobs INDEXED BY fh_jobs_waiting SET state = 'queued', run_at = :now
  WHERE state = 'waiting' AND parent IN (SELECT j.id FROM json_each(:ids) AS i JOIN fh_jobs AS j ON j.id = i.value
                                          WHERE +j.state = 'succeeded')
    AND EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_waiting WHERE state = 'waiting');
