@@ -60,9 +60,9 @@ class Capabilities:
 
     def admit(self, new: NewJob, engine: str) -> None:
         "Raise `Unsupported` when job `new` asks for what the engine cannot do: a delay, a chain, a workflow step."
-        if new.run_at > new.created_at and not self.delay: self.require("delay", engine, "delay a job")
-        if new.parent is not None and not self.chains: self.require("chains", engine, "chain jobs")
-        if (new.takes is not None or new.group is not None) and not self.workflows:
+        if new.run_at > new.created_at: self.require("delay", engine, "delay a job")
+        if new.parent is not None: self.require("chains", engine, "chain jobs")
+        if new.takes is not None or new.group is not None:
             self.require("workflows", engine, "pass results from job to job (fh_tasks.chain, fh_tasks.group)")
 
 
