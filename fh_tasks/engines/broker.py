@@ -117,8 +117,9 @@ class BrokerEngine(ABC):
         self._registered: set[str] = set()
         self._keeper = Keeper(self)
         self._warned_workers = False
-        #: Successes sent with `run_job(overlap=True)` whose answers are not read yet (see `settle`), by thread.
-        self._answers: list[tuple[JobContext, Callable[[], tuple[bool, list[Due]]], Callable[..., None], int]] = []
+        #: Writes held for a thread's next status script whose answers are not read yet (see `settle`): the thread, and
+        #: what reads the answer (the successes of `run_job(overlap=True)`, a subclass's `hold_answer`).
+        self._answers: list[tuple[int, Callable[[], None]]] = []
         self._answers_lock = threading.Lock()
         self._async_runs: dict[tuple[str, int], tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
 
@@ -389,20 +390,28 @@ class BrokerEngine(ABC):
         return True
 
     def settle(self, mine: bool = False) -> None:
-        """Read the status store's answers to the successes sent with `overlap` (publishing the jobs they released);
-        `mine`: only those of the calling thread (another thread's may still wait for its next `start`)."""
+        """Read the status store's answers to the writes held for a thread's next script: the successes sent with
+        `overlap` (publishing the jobs they released), a subclass's `hold_answer`s. `mine`: only those of the calling
+        thread (another thread's may still wait for its next `start`)."""
         if not self._answers: return
         me = threading.get_ident()
         with self._answers_lock:
             if mine:
-                answers = [a for a in self._answers if a[3] == me]
-                self._answers = [a for a in self._answers if a[3] != me]
+                answers = [a for a in self._answers if a[0] == me]
+                self._answers = [a for a in self._answers if a[0] != me]
             else: answers, self._answers = self._answers, []
-        for ctx, read, then, _ in answers:
-            try: self._succeeded(ctx, read, then)
-            except QueueUnavailable as e:
-                log.warning("job %s (%s): its success may not be recorded (%s); it runs again if not", ctx.id,
-                            ctx.task, e)
+        for _, read in answers: read()
+
+    def hold_answer(self, read: Callable[[], None]) -> None:
+        """Read an answer at this thread's next `settle` (after its next job's `start`): for a write sent with that
+        script (`StatusStore.send_held`). `read` handles its own errors."""
+        with self._answers_lock: self._answers.append((threading.get_ident(), read))
+
+    def _settle_success(self, ctx: JobContext, read: Callable[[], tuple[bool, list[Due]]],
+                        then: Callable[[Sequence[Message]], None]) -> None:
+        try: self._succeeded(ctx, read, then)
+        except QueueUnavailable as e:
+            log.warning("job %s (%s): its success may not be recorded (%s); it runs again if not", ctx.id, ctx.task, e)
 
     def _succeeded(self, ctx: JobContext, read: Callable[[], tuple[bool, list[Due]]],
                    then: Callable[[Sequence[Message]], None]) -> None:
@@ -424,8 +433,7 @@ class BrokerEngine(ABC):
                 return "failed"
             # overlap: the success goes with this thread's next `start` (one write), or with the keeper's next flush
             read = self.status.succeed_soon(ctx.id, ctx.attempt, text, defer=overlap)
-            if overlap:
-                with self._answers_lock: self._answers.append((ctx, read, then, threading.get_ident()))
+            if overlap: self.hold_answer(lambda: self._settle_success(ctx, read, then))
             else: self._succeeded(ctx, read, then)
             return "succeeded"
         return self.attempt_failed(ctx, task, error, eager=eager, then=then)

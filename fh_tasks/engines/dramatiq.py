@@ -19,6 +19,11 @@ lost workers; this module is the Dramatiq side of it (docs/scaling.md has the op
   holds it and a pump publishes the job when due, so no delayed message waits unacked in a worker's memory. With
   the status store in the broker's Redis, a new job's record and its message go in one round trip (record first),
   the message written as Dramatiq's own enqueue writes it (one script less); several messages go in one pipeline.
+- **Acks.** Dramatiq acks a message after its actor returned (at-least-once). With the status store in the
+  broker's Redis, an fh-tasks job's ack (Dramatiq's own script) is sent with the worker thread's next status-store
+  script, as the job's success is (its next job's `start`, or the process's keeper within 20 ms): a job costs the
+  worker thread one round trip, as in plain Dramatiq, not two. An ack lost with a dying worker only means that its
+  message comes back, and that copy is dropped.
 - **Retries.** One side only: ours. The hooks decide (`hooks.decide`), the status store records `retrying`, and the
   job is published again when due; Dramatiq's `Retries` middleware is absent, so Dramatiq never retries by itself.
   A failed message is acked, not dead-lettered: its record keeps the error, `tasks.retry(id)` runs it again.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -122,6 +128,8 @@ class DramatiqEngine(BrokerEngine):
         source = getattr(cast(Any, self.broker).scripts.get("dispatch"), "script", b"") if self._same_redis else b""
         source = source.decode() if isinstance(source, bytes) else str(source)
         self._plain_enqueue = all(x in source for x in _ENQUEUE_LUA)
+        # An fh-tasks job's ack goes with its thread's next status script, when that is the broker's Redis database
+        if self._same_redis: cast(Any, self.broker).ack_later = self._ack_later
         self.pump: Pump | None = None
         self.heartbeat: Heartbeat | None = None
         self.eager_retries = False  # a burst worker (`testing.drain`) retries without backoff
@@ -165,10 +173,10 @@ class DramatiqEngine(BrokerEngine):
 
     def _send_new(self, jobs: list[NewJob]) -> tuple[int, BaseException | None]:
         """One new job, with the status store in the broker's Redis (the default): its record and its message in one
-        round trip, on one connection, the record first (so no worker sees the message before it); the message as
-        Dramatiq's `dispatch` script enqueues it (`_ENQUEUE_LUA`: HSET, RPUSH), without running that script (its
-        producer heartbeat and 1-in-1000 maintenance are the workers' business). Else, and when a script is not
-        loaded yet, `BrokerEngine._send_new` (two overlapping round trips)."""
+        round trip on this thread's script connection, the record first (so no worker sees the message before it);
+        the message as Dramatiq's `dispatch` script enqueues it (`_ENQUEUE_LUA`: HSET, RPUSH), without running that
+        script (its producer heartbeat and 1-in-1000 maintenance are the workers' business). Else, and when a script
+        is not loaded yet, `BrokerEngine._send_new` (two overlapping round trips)."""
         st, b = self.status, cast(Any, self.broker)
         sha, dsha = st._shas.get("insert"), self._dispatch_sha
         if len(jobs) != 1 or not self._same_redis or sha is None or dsha is None:
@@ -188,26 +196,42 @@ class DramatiqEngine(BrokerEngine):
                 key, rid = f"{b.namespace}:{m.queue_name}", m.options["redis_message_id"]
                 cmds += [("HSET", key + ".msgs", rid, m.encode()), ("RPUSH", key, rid)]
             else: cmds.append(("EVALSHA", dsha, 1, b.namespace, *self._enqueue_args(m)))
-        pool = st.redis.connection_pool
-        try: conn = pool.get_connection()
-        except TypeError: conn = pool.get_connection("EVALSHA")  # redis-py < 5.3
-        try:
-            conn.send_packed_command(conn.pack_commands(cmds))
-            replies = [conn.read_response() for _ in cmds]
-        except BaseException as e:
-            conn.disconnect()  # a reply may still be pending on it
-            pool.release(conn)
+        try: replies = st.send_all(cmds)
+        except Exception as e:
             if isinstance(e, redis.exceptions.NoScriptError):  # Redis restarted: the base's path loads the scripts
                 st._shas.pop("insert", None)
                 self._dispatch_sha = None
                 return super()._send_new(jobs)
-            if isinstance(e, Exception): return 0, self._error(e)
-            raise
-        pool.release(conn)
+            return 0, self._error(e)
         if m is not None: b.emit_after("enqueue", m, None)
         elif job.state != "queued" and "queued" in replies[0][1::3]:  # (id, state, new): chained after a success
             return self.publish(jobs)
         return 1, None
+
+    def _ack_later(self, queue: str, message: dramatiq.MessageProxy) -> bool:
+        """Ack an fh-tasks job's message with this thread's next status script (its next job's `start`, or the keeper's
+        flush within `HOLD_AT_MOST`), the way its success goes: one round trip a job, not two. The ack is Dramatiq's
+        own (its `dispatch` script, as `RedisBroker.do_ack` runs it). False, and Dramatiq acks at once, for another
+        actor's message or before this process ran a job (no keeper thread to flush it yet)."""
+        if message.actor_name not in self.hub.registry or not self._keeper.here: return False
+        from dramatiq.common import current_millis
+        b, rid = cast(Any, self.broker), message.options["redis_message_id"]
+        read = self.status.send_held("EVALSHA", b.scripts["dispatch"].sha, 1, b.namespace, "ack", current_millis(),
+                                     queue, b.broker_id, b.heartbeat_timeout, b.dead_message_ttl, 0,
+                                     b._max_unpack_size(), rid, doing="ack a message")
+
+        def acked() -> None:
+            try:
+                read()
+                return
+            except Exception as e: why = e  # its script not loaded (Redis restarted), or the connection broke
+            try: b.do_ack(queue, rid)  # an ack is idempotent: sent again the plain way
+            except Exception as e:
+                log.warning("message %s (job %s): could not be acked (%s, then %s); Dramatiq delivers it again once "
+                            "this worker is gone, and that copy is dropped", rid, message.message_id, why, e)
+
+        self.hold_answer(acked)
+        return True
 
     def _error(self, e: Exception) -> Exception:
         if not _down(e): return e
@@ -347,7 +371,9 @@ class DramatiqEngine(BrokerEngine):
             self.heartbeat.start()
 
     def shutdown(self) -> None:
-        "The worker stopped: so do the pump and the heartbeat."
+        "The worker stopped: so do the pump and the heartbeat; the outcomes and acks held back are written."
+        try: self.settle()
+        except Exception as e: log.warning("could not write the last outcomes or acks (%s); those jobs run again", e)
         pump, self.pump = self.pump, None
         if pump is not None: pump.stop()
         beat, self.heartbeat = self.heartbeat, None
@@ -488,16 +514,42 @@ async def _bounded(ctx: Any, task: Task[Any, Any], args: list[Any], kwargs: dict
     return fut.result()
 
 
+@functools.cache
+def _redis_broker() -> type:
+    """Dramatiq's Redis broker, its consumers' ack left to the engine (`DramatiqEngine._ack_later`); made at the first
+    Redis broker, as Dramatiq's Redis module needs the redis package."""
+    from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+
+    class Consumer(_RedisConsumer):  # type: ignore[misc]
+        def ack(self, message: dramatiq.MessageProxy) -> None:
+            later = self.broker.ack_later
+            if later is not None and later(self.queue_name, message):
+                self.queued_message_ids.discard(message.message_id)  # as Dramatiq's ack does, sent or not
+                return
+            super().ack(message)
+
+    class Broker(RedisBroker):  # type: ignore[misc]
+        """Dramatiq's Redis broker; `ack_later(queue, message)`, when set, may take a message's ack (True: it acks
+        it later; False: acked now, as Dramatiq does)."""
+        ack_later: Callable[[str, dramatiq.MessageProxy], bool] | None = None
+
+        @property
+        def consumer_class(self) -> type:
+            return Consumer
+
+    return Broker
+
+
 def _broker(url: str, middleware: list[Middleware], *, heartbeat_timeout: float, maintenance_chance: float,
             confirm_delivery: bool) -> dramatiq.Broker:
     "The Dramatiq broker for `url`, with exactly `middleware`."
     scheme = url.partition("://")[0].lower()
     if scheme in ("redis", "rediss", "unix"):
         import redis
-        from dramatiq.brokers.redis import RedisBroker
         client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=30.0)
-        return RedisBroker(client=client, middleware=middleware, heartbeat_timeout=int(heartbeat_timeout * 1000),
-                           maintenance_chance=round(maintenance_chance * 1_000_000))
+        return _redis_broker()(client=client, middleware=middleware,  # type: ignore[no-any-return]
+                               heartbeat_timeout=int(heartbeat_timeout * 1000),
+                               maintenance_chance=round(maintenance_chance * 1_000_000))
     if scheme in ("amqp", "amqps"):
         try:
             from dramatiq.brokers.rabbitmq import RabbitmqBroker

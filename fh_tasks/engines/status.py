@@ -185,6 +185,38 @@ class StatusStore(StatusDashboard):
 
         return answer
 
+    def send_held(self, *command: Any, doing: str) -> Callable[[], Any]:
+        """Send a command of the caller's to this Redis database (a Dramatiq ack: `DramatiqEngine`) with this thread's
+        next script, as `succeed_soon(defer=True)` sends an outcome: no round trip of its own. The function returned
+        reads its answer (a Redis error as raised; `QueueUnavailable` when the connection broke)."""
+        import redis
+        wire = self._wire()
+        ticket = wire.send(*command, defer=True)
+
+        def answer() -> Any:
+            try: return wire.read(ticket)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                raise QueueUnavailable(f"the status store at {_safe(self.url)} cannot be reached to {doing}: "
+                                       f"{e}") from e
+
+        return answer
+
+    def send_all(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several commands to this Redis database in one write on this thread's script connection (no pool checkout),
+        in order; their answers. Every answer is read; the first command Redis refused raises its error then."""
+        import redis
+        wire = self._wire()
+        tickets = [wire.send(*c, defer=i < len(commands) - 1) for i, c in enumerate(commands)]
+        replies: list[Any] = []
+        refused: Exception | None = None
+        for t in tickets:
+            try: replies.append(wire.read(t))
+            except redis.exceptions.ResponseError as e:
+                replies.append(e)
+                refused = refused or e
+        if refused is not None: raise refused
+        return replies
+
     def flush_held(self) -> None:
         "Write the outcomes this process's threads hold back for their next script (`succeed_soon(defer=True)`)."
         me = pid()

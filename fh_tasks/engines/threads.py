@@ -151,6 +151,11 @@ class Keeper:
                 self._stop = threading.Event()
                 threading.Thread(target=self._run, args=(self._stop,), name="fh-tasks-keeper", daemon=True).start()
 
+    @property
+    def here(self) -> bool:
+        "True when this process's keeper thread runs (it did since this process's first job): it flushes held writes."
+        return self._pid == pid()
+
     def remove(self, id: str, attempt: int) -> None:
         with self._lock: self._running.pop((id, attempt), None)
         self._busy_until = time.monotonic() + 1.0

@@ -105,3 +105,80 @@ def test_a_middleware_watching_enqueues_sees_each_message(hub: Tasks, namespace:
     job = hub.registry["wp.add"].defer(1)
     assert seen == [(job.id, "wp.add")]
     assert e.status.redis.llen(f"dramatiq:{namespace}.default") == 1
+
+
+def _unacked(hub: Tasks, namespace: str) -> set[str]:
+    "The Redis message ids Dramatiq holds as fetched and not acked, in this test's queue (its `.msgs` hash)."
+    return set(hub.engine.status.redis.hkeys(f"dramatiq:{namespace}.default.msgs"))
+
+
+def test_a_jobs_ack_goes_with_the_next_start_or_within_a_moment(hub: Tasks, namespace: str) -> None:
+    # Given two jobs' messages, taken by a Dramatiq consumer of the engine's broker, as a worker thread takes them
+    e: Any = hub.engine
+    add = hub.registry["wp.add"]
+    a, b = add.defer(1), add.defer(2)
+    consumer = e.broker.consume(f"{namespace}.default", prefetch=2)
+    ma, mb = next(consumer), next(consumer)
+    assert (ma.message_id, mb.message_id) == (a.id, b.id)
+    # When the first one runs and Dramatiq acks it (the first job of this process starts its keeper thread)
+    assert e.run_job(a.id, "wp.add", [1], {}, overlap=True) == "succeeded"
+    consumer.ack(ma)
+    # Then the ack is held for the thread's next script: the message still waits for it
+    assert ma.options["redis_message_id"] in _unacked(hub, namespace)
+    # When the next job starts, it goes with that `start` (and the success with it)
+    assert e.run_job(b.id, "wp.add", [2], {}, overlap=True) == "succeeded"
+    assert _unacked(hub, namespace) == {mb.options["redis_message_id"]}
+    assert _state(hub, a.id) == "succeeded"
+    # And the last ack, with no job after it, is written by the keeper within a moment
+    consumer.ack(mb)
+    deadline = time.monotonic() + 2.0
+    while _unacked(hub, namespace) and time.monotonic() < deadline: time.sleep(0.01)
+    assert _unacked(hub, namespace) == set() and _state(hub, b.id) == "succeeded"
+    consumer.close()
+
+
+def test_another_actors_message_is_acked_at_once_and_a_failed_held_ack_is_sent_again(hub: Tasks,
+                                                                                    namespace: str) -> None:
+    import dramatiq
+    e: Any = hub.engine
+    # Given a plain Dramatiq actor on the same broker (not an fh-tasks task) and a job, both sent
+    other = dramatiq.actor(actor_name=f"plain_{namespace}", queue_name=f"{namespace}.default", broker=e.broker)(
+        lambda: None)
+    other.send()
+    job = hub.registry["wp.add"].defer(3)
+    consumer = e.broker.consume(f"{namespace}.default", prefetch=2)
+    mo, mj = next(consumer), next(consumer)
+    assert (mo.actor_name, mj.message_id) == (f"plain_{namespace}", job.id)
+    # When the plain actor's message is acked, Dramatiq acks it at once
+    consumer.ack(mo)
+    assert mo.options["redis_message_id"] not in _unacked(hub, namespace)
+    # When the job's held ack fails (Redis does not know the script it names: as after a restart)
+    assert e.run_job(job.id, "wp.add", [3], {}, overlap=True) == "succeeded"
+    script = e.broker.scripts["dispatch"]
+    real, script.sha = script.sha, "0" * 40
+    try:
+        consumer.ack(mj)
+        e.settle()
+    finally: script.sha = real if script.sha == "0" * 40 else script.sha
+    # Then it was acked again the plain way (Dramatiq's `do_ack` loads its script), and the job succeeded
+    assert _unacked(hub, namespace) == set() and _state(hub, job.id) == "succeeded"
+    consumer.close()
+
+
+def test_a_new_job_whose_script_redis_forgot_is_stored_by_the_slower_path(hub: Tasks, namespace: str) -> None:
+    # Given a producer that loaded its scripts, then a Redis that no longer knows the record's (as after a restart)
+    e: Any = hub.engine
+    add = hub.registry["wp.add"]
+    add.defer(0)
+    assert e.status._shas.get("insert") and e._dispatch_sha
+    e.status._shas["insert"] = "0" * 40
+    # When a job is deferred
+    job = add.defer(5)
+    # Then its record was written by the path that loads the scripts again, and a worker runs it once
+    assert _state(hub, job.id) == "queued" and e.status._shas["insert"] != "0" * 40
+    # (messages: the first job's, this one's sent with the refused script, and this one's sent again after it)
+    assert e.status.redis.llen(f"dramatiq:{namespace}.default") == 3
+    assert e.run_job(job.id, "wp.add", [5], {}) == "succeeded"
+    assert e.run_job(job.id, "wp.add", [5], {}) == "dropped"  # the second copy of its message
+    # And the thread's connection is fine for what comes next
+    assert _state(hub, add.defer(6).id) == "queued"
