@@ -218,7 +218,8 @@ class StatusStore(StatusDashboard):
         return replies
 
     def flush_held(self) -> None:
-        "Write the outcomes this process's threads hold back for their next script (`succeed_soon(defer=True)`)."
+        """Write what this process's threads hold back for their next script: outcomes (`succeed_soon(defer=True)`) and
+        others (`send_held`)."""
         me = pid()
         for key, w in list(self._wires.items()):
             if key[0] == me and w.held: w.flush()

@@ -347,9 +347,10 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         if (ok := by_kind.get("succeed")):
             accepted += c.executemany(Q["succeed"], [{"id": o.id, "attempt": o.attempt, "now": now, "result": o.result}
                                                      for o in ok]).rowcount
-            ids = json.dumps([o.id for o in ok])
-            c.execute(Q["release_children_of"], {"ids": ids, "now": now})
-            c.execute(Q["release_groups_of"], {"ids": ids, "now": now})
+            if c.execute(Q["any_waiting"]).fetchone() is not None:  # else no chain or group waits: nothing to release
+                ids = json.dumps([o.id for o in ok])
+                c.execute(Q["release_children_of"], {"ids": ids, "now": now})
+                c.execute(Q["release_groups_of"], {"ids": ids, "now": now})
         if (rt := by_kind.get("retry")):
             accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error,
                                                     "run_at": o.run_at}

@@ -182,3 +182,21 @@ def test_a_new_job_whose_script_redis_forgot_is_stored_by_the_slower_path(hub: T
     assert e.run_job(job.id, "wp.add", [5], {}) == "dropped"  # the second copy of its message
     # And the thread's connection is fine for what comes next
     assert _state(hub, add.defer(6).id) == "queued"
+
+
+def test_a_stopping_worker_writes_what_its_threads_held(hub: Tasks, namespace: str) -> None:
+    # Given a job run as a worker thread runs it, whose success and ack wait for the thread's next script
+    e: Any = hub.engine
+    job = hub.registry["wp.add"].defer(2)
+    consumer = e.broker.consume(f"{namespace}.default", prefetch=1)
+    m = next(consumer)
+    assert e.run_job(job.id, "wp.add", [2], {}, overlap=True) == "succeeded"
+    e._keeper.stop()  # (its rounds would write and read them within a moment: here only the stop may)
+    consumer.ack(m)
+    assert len(e._answers) == 2  # the success and the ack, not read yet
+    # When the worker stops (Dramatiq's `after_worker_shutdown`, for its own command's workers too)
+    e.shutdown()
+    # Then both were written and their answers read at once, not left to the keeper's next round
+    assert not e._answers
+    assert _state(hub, job.id) == "succeeded" and _unacked(hub, namespace) == set()
+    consumer.close()
