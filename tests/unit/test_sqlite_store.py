@@ -534,6 +534,17 @@ def test_no_index_or_trigger_condition_lists_three_values_or_more(store, db):
     assert long_lists == []
 
 
+def test_the_group_index_is_left_alone_when_a_job_changes_state(store, db):
+    # SQLite looks at every index that names a column an UPDATE sets, to keep it right: an index of group members
+    # keyed or filtered by `state` cost every claim and every outcome of every job a look. It names `grp` alone.
+    store.counts()
+    with sqlite3.connect(db) as c:
+        (sql,) = c.execute("SELECT sql FROM sqlite_master WHERE name = 'fh_jobs_grp'").fetchone()
+        assert "grp IS NOT NULL" in sql and "state" not in sql
+        plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN SELECT id, state FROM fh_jobs WHERE grp = 'g'")]
+    assert plan == ["SEARCH fh_jobs USING INDEX fh_jobs_grp (grp=?)"]
+
+
 def test_statements_given_job_ids_find_them_through_the_id_index(store, db):
     # A worker records successes while jobs of chains wait, and checks its running jobs for cancellation: those
     # statements look up the ids they are given, and never read every waiting, succeeded or cancelled job of the
