@@ -474,8 +474,9 @@ class DramatiqWorker:
             log.warning("job %s (attempt %d) is given back: the worker stops before it finished", id, attempt)
             e._keeper.remove(id, attempt)
             with contextlib.suppress(QueueUnavailable): e.status.lost(id)
-        w.stop(timeout=1000)  # consumers stop (within their poll interval); prefetched messages go back
-        with contextlib.suppress(QueueUnavailable): e.settle()  # successes not confirmed yet
+        # Consumers stop (within their poll interval); prefetched messages go back. Its `after_worker_shutdown` writes
+        # what the threads held back (`shutdown`).
+        w.stop(timeout=1000)
         # Dramatiq's Worker leaves its middleware on the broker: a later worker in this process would add another.
         e.broker.middleware[:] = [m for m in e.broker.middleware if getattr(m, "worker", None) is not w]
 

@@ -189,17 +189,9 @@ class StatusStore(StatusDashboard):
         """Send a command of the caller's to this Redis database (a Dramatiq ack: `DramatiqEngine`) with this thread's
         next script, as `succeed_soon(defer=True)` sends an outcome: no round trip of its own. The function returned
         reads its answer (a Redis error as raised; `QueueUnavailable` when the connection broke)."""
-        import redis
         wire = self._wire()
         ticket = wire.send(*command, defer=True)
-
-        def answer() -> Any:
-            try: return wire.read(ticket)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-                raise QueueUnavailable(f"the status store at {_safe(self.url)} cannot be reached to {doing}: "
-                                       f"{e}") from e
-
-        return answer
+        return lambda: self._read(lambda: wire.read(ticket), doing)
 
     def send_all(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Several commands to this Redis database in one write on this thread's script connection (no pool checkout),
