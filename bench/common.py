@@ -209,6 +209,13 @@ def cpu_ticks() -> tuple[int, int] | None:
     return (f[7] if len(f) > 7 else 0), sum(f)
 
 
+def busy_seconds() -> float | None:
+    "CPU seconds all cores spent running anything since boot (not idle, waiting on I/O or stolen), from /proc/stat."
+    try: f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError): return None
+    return (sum(f) - f[3] - f[4] - (f[7] if len(f) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+
+
 def steal_since(start: tuple[int, int] | None) -> float | None:
     "The share (%) of CPU time the hypervisor took from this machine since `start` (`cpu_ticks()`)."
     end = cpu_ticks()

@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 from . import probe
-from .common import Settings, log, stat, wait_until
+from .common import Settings, busy_seconds, log, stat, wait_until
 from .peers import Peer
 
 #: Seconds a worker gets to start and run its first job.
@@ -13,7 +13,9 @@ STARTUP = 45.0
 
 
 def once(peer: Peer, procs: int, n: int, budget: float) -> dict[str, Any]:
-    "One drain of `n` jobs by `procs` worker processes, bounded by `budget` seconds after the first job runs."
+    """One drain of `n` jobs by `procs` worker processes, bounded by `budget` seconds after the first job runs.
+    `cpu_per_job`: the machine's CPU seconds (every process: workers, broker, this one polling) per job run from
+    the first job to the last, the worker's start-up left out; None without /proc/stat."""
     peer.reset()
     if not peer.put_batches(n, 500): peer.put_many(n)
     d = peer.dir / f"drain-{procs}p-{peer.rep}"
@@ -23,12 +25,16 @@ def once(peer: Peer, procs: int, n: int, budget: float) -> dict[str, Any]:
         alive = lambda: any(w.alive() for w in workers)  # noqa: E731
         if not wait_until(lambda: probe.count(str(d)) > 0, STARTUP, 0.02, alive):
             raise RuntimeError(f"{peer.label}: no job ran within {STARTUP}s:\n" + "\n".join(w.tail() for w in workers))
+        busy0, ran0 = busy_seconds(), probe.count(str(d))
         wait_until(lambda: probe.count(str(d)) >= n, budget, 0.01, alive)
+        busy1, ran1 = busy_seconds(), probe.count(str(d))
     finally:
         peer.stop_workers(workers)
     recs = probe.records(str(d))
     first, last = min(r[1] for r in recs), max(r[2] for r in recs)
-    return {"done": len(recs), "seconds": last - first, "rate": len(recs) / max(last - first, 1e-9)}
+    cpu = None if busy0 is None or busy1 is None or ran1 <= ran0 else (busy1 - busy0) / (ran1 - ran0)
+    return {"done": len(recs), "seconds": last - first, "rate": len(recs) / max(last - first, 1e-9),
+            "cpu_per_job": cpu}
 
 
 def measure(peer: Peer, s: Settings, procs_list: tuple[int, ...] = (1, 2)) -> dict[str, Any]:

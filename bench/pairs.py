@@ -3,10 +3,12 @@ drain (N queued jobs, one worker process; no-op jobs, and again with jobs that m
 `drain-io`) and cross-process pickup, the two peers alternating within each
 repetition so that a noisy machine moves both alike (enqueue: in alternating blocks of a tenth of the jobs).
 Ratios are fh-tasks' cost over the plain library's (≤ 1.15 is the goal: "at most 15 % slower"), the median of the
-per-repetition ratios.
+per-repetition ratios. Each drain also reports the machine's CPU time per job (every process: workers, broker, status
+store), its ratio beside the time's: what a job costs in CPU, which a busy host disturbs less than throughput.
 
     python -m bench.pairs dramatiq            # fh-dramatiq vs dramatiq, 5 repetitions
     python -m bench.pairs dramatiq --reps 3 --jobs 5000 --out /tmp/pairs.json
+    python -m bench.pairs celery --procs 2   # drains with 2 pool processes (Dramatiq: 2 worker processes)
 """
 from __future__ import annotations
 
@@ -53,31 +55,36 @@ def _enqueue_pair(peers: dict[str, Any], n: int, first: str) -> dict[str, float]
     return {k: v / (size * BLOCKS) for k, v in spent.items()}
 
 
-def _once(peer: Any, what: str, s: Settings, jobs: int) -> float:
-    "One measurement of `what` (drain or pickup), as a cost (lower is better): seconds per job, or pickup p50 ms."
+def _once(peer: Any, what: str, s: Settings, jobs: int, procs: int = 1) -> tuple[float, float | None]:
+    """One measurement of `what` (drain or pickup), as a cost (lower is better): seconds per job, or pickup p50 ms;
+    and for a drain, the machine's CPU seconds per job (`drain.once`). `procs`: the drains' worker processes
+    (Celery: pool processes of one worker)."""
     if what in ("drain", "drain-io"):
         peer.io = what == "drain-io"  # the job body: a no-op, or one Redis round trip (bench/io_job.py)
-        try: r = drain.once(peer, 1, jobs, s.drain_budget)
+        try: r = drain.once(peer, procs, jobs, s.drain_budget)
         finally: peer.io = False
         if r["done"] < jobs: raise RuntimeError(f"{peer.label}: {r['done']}/{jobs} jobs within {s.drain_budget}s")
-        return 1 / r["rate"]
+        return 1 / r["rate"], r["cpu_per_job"]
     r = pickup.cross_process(peer, replace(s, reps=1))
-    return float(r["p50_ms"]["median"])
+    return float(r["p50_ms"]["median"]), None
 
 
-def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env) -> dict[str, Any]:
+def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env, procs: int = 1) -> dict[str, Any]:
     plain_key, fh_key = PAIRS[engine]
     peers = {k: load(k, env) for k in (plain_key, fh_key)}
-    out: dict[str, Any] = {"pair": [plain_key, fh_key], "reps": reps, "jobs": jobs, "measures": {}}
+    out: dict[str, Any] = {"pair": [plain_key, fh_key], "reps": reps, "jobs": jobs, "procs": procs, "measures": {}}
     for what in ("enqueue", "drain", "drain-io", "pickup"):
         costs: dict[str, list[float]] = {plain_key: [], fh_key: []}
+        cpu: dict[str, list[float | None]] = {plain_key: [], fh_key: []}
         for rep in range(reps):
             order = (plain_key, fh_key) if rep % 2 == 0 else (fh_key, plain_key)
             if what == "enqueue":
                 for k, cost in _enqueue_pair(peers, s.enqueue_single, order[0]).items(): costs[k].append(cost)
                 continue
             for k in order:
-                costs[k].append(_once(peers[k], what, s, jobs))
+                cost, cpu_per_job = _once(peers[k], what, s, jobs, procs)
+                costs[k].append(cost)
+                cpu[k].append(cpu_per_job)
                 time.sleep(0.2)
         ratios = [f / p for f, p in zip(costs[fh_key], costs[plain_key], strict=True)]
         m = statistics.median(ratios)
@@ -87,6 +94,14 @@ def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env) -> dict[st
         show = (lambda c: statistics.median(c)) if what == "pickup" else (lambda c: 1 / statistics.median(c))
         log(f"  {what:8} {plain_key} {show(costs[plain_key]):>9,.1f} {unit}   {fh_key} {show(costs[fh_key]):>9,.1f} "
             f"{unit}   cost ratio {m:.2f} (per rep: {', '.join(f'{r:.2f}' for r in ratios)})")
+        pairs = [(f, p) for f, p in zip(cpu[fh_key], cpu[plain_key], strict=True) if f is not None and p]
+        if pairs:  # what the machine spent per job (workers, broker, status store): the cost in CPU, not in time
+            cr = [f / p for f, p in pairs]
+            out["measures"][what].update(cpu_plain=cpu[plain_key], cpu_fh=cpu[fh_key], cpu_ratios=cr,
+                                         cpu_ratio=statistics.median(cr))
+            log(f"  {'':8} machine CPU per job: {plain_key} {1e6 * statistics.median(p for _, p in pairs):,.0f} µs   "
+                f"{fh_key} {1e6 * statistics.median(f for f, _ in pairs):,.0f} µs   ratio {statistics.median(cr):.2f} "
+                f"(per rep: {', '.join(f'{r:.2f}' for r in cr)})")
     for p in peers.values(): p.close()
     return out
 
@@ -97,15 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=5000, help="jobs per drain")
     ap.add_argument("--enqueue", type=int, default=2000, help="jobs per enqueue measurement")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="worker processes per drain (Celery: pool processes of one worker)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     a = ap.parse_args(argv)
+    if a.procs < 1: ap.error("--procs must be 1 or more")
     workdir = Path(tempfile.mkdtemp(prefix="fh-pairs-"))
     redis, proc = ensure_redis(workdir)
     os.environ["BENCH_REDIS"] = redis
     s = replace(Settings.full(), enqueue_single=a.enqueue, drain_budget=60.0, pickup_seconds=3.0)
-    log(f"{a.engine}: fh-tasks vs plain, {a.reps} paired repetitions, Redis {redis}, load {os.getloadavg()[0]:.2f}")
+    log(f"{a.engine}: fh-tasks vs plain, {a.reps} paired repetitions, {a.procs} worker process(es) per drain, "
+        f"Redis {redis}, load {os.getloadavg()[0]:.2f}")
     ticks = cpu_ticks()
-    try: res = measure(a.engine, a.reps, a.jobs, s, Env(workdir, redis))
+    try: res = measure(a.engine, a.reps, a.jobs, s, Env(workdir, redis), a.procs)
     finally:
         if proc is not None: proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)

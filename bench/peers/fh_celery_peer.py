@@ -100,6 +100,11 @@ def late_noop(arg: dict[str, Any]) -> None:
     record(arg)
 
 
+@late_app.task(name="io")
+def late_io(arg: dict[str, Any]) -> None:
+    roundtrip(arg)
+
+
 class CeleryLate(CeleryPeer):
     key, label = "celery-late", "Celery (Redis), late acks, prefetch ×1"
     concurrency = "`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1"
@@ -110,11 +115,12 @@ class CeleryLate(CeleryPeer):
         flush_redis(LATE)
 
     def put(self, arg: dict[str, Any]) -> None:
-        late_noop.delay(arg)
+        (late_io if self.io else late_noop).delay(arg)
 
     def put_batches(self, n: int, size: int) -> bool:
+        task = late_io if self.io else late_noop
         for start in range(0, n, size):
-            group(late_noop.s(job_arg()) for _ in range(min(size, n - start))).apply_async()
+            group(task.s(job_arg()) for _ in range(min(size, n - start))).apply_async()
         return True
 
     def worker_commands(self, procs: int) -> list[list[str]]:
