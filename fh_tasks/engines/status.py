@@ -217,19 +217,19 @@ class StatusStore(StatusDashboard):
             if key[0] == me and w.held: w.flush()
 
     def _wire(self) -> _Wire:
-        "This thread's connection for scripts (a new one in a forked child)."
-        key = (pid(), threading.get_ident())
+        """This thread's connection for scripts (a new one in a forked child). Making it, a thread forgets the
+        connections of the threads of this process that ended, including one whose id the system gave this thread."""
+        me, key = threading.current_thread(), (pid(), threading.get_ident())
         w = self._wires.get(key)
-        if w is None:
-            live = {t.ident for t in threading.enumerate()}
-            for k, old in list(self._wires.items()):  # the connections of threads that ended
-                if k[0] == key[0] and k[1] not in live:
-                    del self._wires[k]
-                    old.conn.disconnect()
-            pool = self.redis.connection_pool
-            # No health check: its PING would read an answer still waiting on the connection.
-            kw = {**pool.connection_kwargs, "health_check_interval": 0}
-            w = self._wires[key] = _Wire(pool.connection_class(**kw))
+        if w is not None and w.thread is me: return w
+        pool = self.redis.connection_pool
+        # No health check: its PING would read an answer still waiting on the connection.
+        w = _Wire(pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0}), me)
+        with _WIRES_LOCK:  # threads starting together each forget the ended ones: one at a time
+            ended = [k for k, old in self._wires.items() if k[0] == key[0] and (k == key or not old.thread.is_alive())]
+            gone = [self._wires.pop(k) for k in ended]
+            self._wires[key] = w
+        for old in gone: old.conn.disconnect()
         return w
 
     def _read(self, fn: Callable[[], Any], doing: str) -> Any:
@@ -461,10 +461,24 @@ class StatusStore(StatusDashboard):
         return n
 
     def close(self) -> None:
-        for key, w in list(self._wires.items()):
+        with _WIRES_LOCK:
+            wires, self._wires = self._wires, {}
+        for key, w in wires.items():
             if key[0] == pid(): w.conn.disconnect()
-        self._wires.clear()
         self.redis.close()
+
+
+#: Held while a thread changes a store's `_wires` (`StatusStore._wire`, `close`).
+_WIRES_LOCK = threading.Lock()
+
+
+def _new_wires_lock() -> None:
+    "In a forked child: a new lock (a thread of the parent may have held the old one at the fork)."
+    global _WIRES_LOCK
+    _WIRES_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=_new_wires_lock)
 
 
 class _Wire:
@@ -475,8 +489,8 @@ class _Wire:
     two). Thread-safe: another thread (a worker's keeper) may read an answer or flush. A broken connection fails
     every command waiting on it and reconnects on the next `send`."""
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
+    def __init__(self, conn: Any, thread: threading.Thread) -> None:
+        self.conn, self.thread = conn, thread  # the thread it serves (another may get the same id once it ends)
         self.lock = threading.Lock()
         self.waiting: collections.deque[int] = collections.deque()
         self.answers: dict[int, tuple[bool, Any]] = {}

@@ -273,6 +273,31 @@ def test_progress_is_coalesced_and_the_last_value_is_written_with_the_outcome(st
     assert [f["kind"] for f in events] == ["stored", "started", "progress", "succeeded"]
 
 
+def test_threads_that_start_together_each_get_their_script_connection(status: StatusStore) -> None:
+    errors: list[BaseException] = []
+
+    def calls(gate: threading.Barrier | None) -> None:
+        if gate is not None: gate.wait()
+        try: status.take_due()
+        except BaseException as e: errors.append(e)
+
+    def run(threads: list[threading.Thread]) -> None:
+        for t in threads: t.start()
+        for t in threads: t.join()
+
+    for _ in range(5):
+        # Given the script connections of threads that have ended (a worker's threads come and go)
+        ended = [threading.Thread(target=calls, args=(None,)) for _ in range(40)]
+        run(ended)
+        # When many new threads make their first status call at the same moment (each one, making its connection,
+        # forgets those of the threads that ended; the system may give one of them the id of an ended thread)
+        gate = threading.Barrier(16)
+        run([threading.Thread(target=calls, args=(gate,)) for _ in range(16)])
+        # Then every call succeeds, and the connections of the threads that ended are gone
+        assert errors == []
+        assert not any(w.thread in ended for w in status._wires.values())
+
+
 def _wait(cond: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
