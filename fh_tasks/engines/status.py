@@ -229,7 +229,11 @@ class StatusStore(StatusDashboard):
             ended = [k for k, old in self._wires.items() if k[0] == key[0] and (k == key or not old.thread.is_alive())]
             gone = [self._wires.pop(k) for k in ended]
             self._wires[key] = w
-        for old in gone: old.conn.disconnect()
+        for old in gone:
+            if not old.waiting: old.conn.disconnect()
+            else:  # answers still to be read (by a `settle`): its held writes go now; it closes once dropped
+                try: old.flush()
+                except Exception: pass  # the reader of each answer meets the broken connection
         return w
 
     def _read(self, fn: Callable[[], Any], doing: str) -> Any:

@@ -298,6 +298,27 @@ def test_threads_that_start_together_each_get_their_script_connection(status: St
         assert not any(w.thread in ended for w in status._wires.values())
 
 
+def test_a_success_held_by_a_thread_that_ended_is_written_when_its_connection_is_forgotten(
+        status: StatusStore) -> None:
+    # Given a running job whose success a thread held back for its next script (a worker thread's overlap), and
+    # the thread ended before writing it
+    j = job()
+    status.insert([j])
+    assert status.start(j.id, "w", 30).run
+    reads: list[Any] = []
+    t = threading.Thread(target=lambda: reads.append(status.succeed_soon(j.id, 1, "null", defer=True)))
+    t.start()
+    t.join()
+    assert state(status, j.id) == "running"
+    # When another thread makes its script connection (forgetting those of the threads that ended)
+    other = threading.Thread(target=status.take_due)
+    other.start()
+    other.join()
+    # Then the held success is written, and its answer can still be read
+    _wait(lambda: state(status, j.id) == "succeeded")
+    assert reads[0]() == (True, [])
+
+
 def _wait(cond: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
