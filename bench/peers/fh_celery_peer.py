@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any
 
-from celery import Celery, group
+from celery import Celery
 
 from fh_tasks import Tasks
 from fh_tasks.engine import EngineSettings
@@ -114,14 +114,8 @@ class CeleryLate(CeleryPeer):
         self.rep += 1
         flush_redis(LATE)
 
-    def put(self, arg: dict[str, Any]) -> None:
-        (late_io if self.io else late_noop).delay(arg)
-
-    def put_batches(self, n: int, size: int) -> bool:
-        task = late_io if self.io else late_noop
-        for start in range(0, n, size):
-            group(task.s(job_arg()) for _ in range(min(size, n - start))).apply_async()
-        return True
+    def task(self) -> Any:
+        return late_io if self.io else late_noop
 
     def worker_commands(self, procs: int) -> list[list[str]]:
         return [[PY, "-m", "celery", "-A", "bench.peers.fh_celery_peer:late_app", "worker", "-P", "prefork", "-c",
