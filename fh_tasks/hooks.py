@@ -80,6 +80,7 @@ class Hooks:
     def __init__(self, hooks: Iterable[Hook] = ()) -> None:
         self._hooks: list[Hook] = []
         self._by_method: dict[str, list[Hook]] = {}  # `overriding` answers, per method (the job path asks often)
+        self.version = 0  # counts `add`s: a caller that keeps `overriding` answers asks again when it changes
         for h in hooks: self.add(h)
 
     def __iter__(self) -> Iterator[Hook]:
@@ -96,6 +97,7 @@ class Hooks:
         at = next((i for i, h in enumerate(self._hooks) if before and isinstance(h, before)), len(self._hooks))
         self._hooks.insert(at, hook)
         self._by_method.clear()
+        self.version += 1
 
     @property
     def options(self) -> dict[str, Callable[[Any], Any]]:
@@ -111,7 +113,8 @@ class Hooks:
 
     def emit(self, method: str, *args: Any) -> None:
         "Call `method` on every hook that overrides it, in order; an exception is logged and skipped."
-        for h in self.overriding(method):
+        if (found := self._by_method.get(method)) is None: found = self.overriding(method)
+        for h in found:
             try: getattr(h, method)(*args)
             except Exception: log.exception("hook %s.%s failed", type(h).__name__, method)
 

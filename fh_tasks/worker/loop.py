@@ -59,6 +59,7 @@ class Worker(Runs, Upkeep):
                  eager: bool = False, name: str | None = None) -> None:
         if concurrency < 1: raise ValueError(f"concurrency must be >= 1, not {concurrency}")
         self.engine, self.store, self.hooks = engine, engine.store, engine.hooks
+        self.registry = engine.registry  # the hub's dict of tasks, filled in place as tasks are registered
         self.queue_order = QueueOrder.of(queues)
         self.concurrency, self.queues, self.lease = concurrency, self.queue_order.names, lease
         self.rng = random.Random()  # draws the order of weighted queues for each claim (seed it for a fixed order)
@@ -85,6 +86,7 @@ class Worker(Runs, Upkeep):
         self._held = False         # busy while a suspect job waits: it claims nothing (and takes no handoff) to drain
         self._tasks = (-1, "[]")   # (registry size, JSON list of the names of the tasks this worker can run)
         self._limits: tuple[int, dict[str, tuple[int | None, float | None]]] = (-1, {})  # see `limit_spec`
+        self._hooked = (-1, True, True)  # see `_listening`
 
     # -- control ---------------------------------------------------------------------------------
     @property
@@ -118,7 +120,7 @@ class Worker(Runs, Upkeep):
         side = [asyncio.ensure_future(c) for c in upkeep]
         side.append(asyncio.ensure_future(self._progress_flushes()))
         if not self.burst: side.append(asyncio.ensure_future(self._cancel_checks()))
-        if any(t.options.process and t.options.queue in self.queues for t in self.engine.registry.values()):
+        if any(t.options.process and t.options.queue in self.queues for t in self.registry.values()):
             self._procs = process_pool()
             side.append(asyncio.ensure_future(self._procs.warm()))  # so the first process job need not wait
         bell = self._listen()
@@ -224,7 +226,7 @@ class Worker(Runs, Upkeep):
 
     def limit_spec(self) -> dict[str, tuple[int | None, float | None]]:
         "The limits of the tasks this worker runs ({name: (concurrency, interval)}): the claim enforces them."
-        reg = self.engine.registry
+        reg = self.registry
         if self._limits[0] != len(reg): self._limits = (len(reg), worker_spec(reg))
         return self._limits[1]
 
@@ -242,7 +244,7 @@ class Worker(Runs, Upkeep):
 
     def task_names(self) -> str:
         "The names of the tasks this worker can run, as a JSON list: it claims only their jobs."
-        reg = self.engine.registry
+        reg = self.registry
         if self._tasks[0] != len(reg): self._tasks = (len(reg), json.dumps(sorted(reg)))
         return self._tasks[1]
 
@@ -393,7 +395,7 @@ class Worker(Runs, Upkeep):
 def _process_idle() -> bool:
     "No worker of this process runs a job (one whose outcome is not recorded yet) or is about to start one."
     for w in list(_in_process):
-        if w._reserved or any(not r.settled for r in list(w.running.values())): return False
+        if w._reserved or (w.running and any(not r.settled for r in list(w.running.values()))): return False
     return True
 
 

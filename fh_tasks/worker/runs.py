@@ -51,6 +51,8 @@ class Runs:
         engine: SQLiteEngine
         store: SQLiteStore
         hooks: Hooks
+        registry: dict[str, Task[Any, Any]]
+        _hooked: tuple[int, bool, bool]
         log: logging.Logger
         eager: bool
         running: dict[tuple[str, int], _Run]
@@ -80,7 +82,7 @@ class Runs:
     def _launch(self, run: _Run) -> None:
         claim = run.claim
         if (bad := _bad_row(claim)): return self._reject(run, "BadRow", f"the stored job cannot be run: {bad}")
-        task = self.engine.registry.get(claim.task)
+        task = self.registry.get(claim.task)
         if task is None:
             return self._reject(run, "UnknownTask", f"no task named {claim.task!r} is registered with this app")
         try:
@@ -91,7 +93,8 @@ class Runs:
         run.ctx, run.task = ctx, task
         loop = self._loop
         assert loop is not None
-        self.hooks.emit("before_run", ctx, task)
+        hooked = self._hooked if self._hooked[0] == self.hooks.version else self._listening()
+        if hooked[1]: self.hooks.emit("before_run", ctx, task)
         if task.is_async:
             fut: asyncio.Future[Any] = asyncio.ensure_future(_run_async(ctx, task, args, kwargs))
         elif task.options.process:
@@ -103,6 +106,13 @@ class Runs:
         timeout = claim.timeout if claim.timeout is not None else task.options.timeout
         if timeout: run.timer = loop.call_later(timeout, self._timed_out, run, task, timeout)
         fut.add_done_callback(lambda f: self._done(run, task, f))
+
+    def _listening(self) -> tuple[int, bool, bool]:
+        """(hooks' version, whether some hook has `before_run`, `after_run`): every job asks, so the answer is kept in
+        `_hooked` until a hook is added (the job path reads it there while `hooks.version` is unchanged)."""
+        h = self.hooks
+        self._hooked = (h.version, bool(h.overriding("before_run")), bool(h.overriding("after_run")))
+        return self._hooked
 
     def _run_in_thread(self, ctx: JobContext, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> asyncio.Future[Any]:
         """Run a sync task in the worker's thread pool. Finished jobs are handed back to the loop in batches:
@@ -159,13 +169,15 @@ class Runs:
             else: self._failed(run, task, TaskTimeout(f"{run.claim.task} was cancelled"))
         elif (exc := fut.exception()) is not None: self._failed(run, task, exc)
         else:
-            try: result = encode_value(fut.result(), "the result", self.engine.max_result)
+            value = fut.result()
+            try: result = "null" if value is None else encode_value(value, "the result", self.engine.max_result)
             except Exception as e:
                 if isinstance(e, PayloadTooLarge): why = f"{e} (Tasks(max_result=...))"
                 else: why = str(e) if isinstance(e, ArgumentError) else f"{type(e).__name__}: {_text(e)}"
                 self._reject(run, "ResultError", f"{run.claim.task} returned a value that cannot be stored: {why}")
             else:
-                if run.ctx is not None: self.hooks.emit("after_run", run.ctx, task, fut.result(), None)
+                hooked = self._hooked if self._hooked[0] == self.hooks.version else self._listening()
+                if run.ctx is not None and hooked[2]: self.hooks.emit("after_run", run.ctx, task, value, None)
                 self._settle(run, "succeed", result=result)
 
     def _failed(self, run: _Run, task: Task[Any, Any], exc: BaseException) -> None:

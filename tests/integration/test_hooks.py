@@ -60,6 +60,24 @@ def test_hooks_run_around_enqueue_and_each_attempt_in_order(make_tasks):
     assert job.get().result == 42
 
 
+def test_a_hook_added_while_a_worker_runs_hears_the_jobs_that_end_and_start_after(make_tasks):
+    # Given a hub with no user hook, whose first job adds one while the worker runs
+    tasks = make_tasks(workers=0)
+    rec = Recorder()
+
+    @tasks.task(name="hooks:adds")
+    async def adds(n: int) -> int:
+        if n == 1: tasks.hooks.add(rec)
+        return n
+
+    first, second = adds.defer(1), adds.defer(2)
+    # When one worker runs them one after the other
+    drain(tasks, concurrency=1)
+    # Then the hook hears the end of the job that added it, and the next job from its start
+    assert rec.of("before_run") == [("before_run", second.id, 1)]
+    assert rec.of("after_run") == [("after_run", first.id, 1, 1, None), ("after_run", second.id, 1, 2, None)]
+
+
 def test_before_enqueue_can_refuse_a_job_and_nothing_is_stored(make_tasks):
     # Given a hook that refuses jobs of one customer
     class NoBlocked(Hook):
