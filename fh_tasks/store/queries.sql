@@ -95,11 +95,15 @@ UPDATE fh_jobs SET state = 'retrying', error = :error, run_at = :run_at, lease_u
 UPDATE fh_jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL, worker = NULL
  WHERE id = :id AND state = 'running' AND attempts = :attempt;
 
--- name: any_waiting
--- Does any job wait (a chain's next step, a group's callback)? Read before `release_children_of` and
--- `release_groups_of`, which a round of successes runs only then: in the common case, one look at an empty index
--- instead of two statements (whose lookups of :ids cost a worker about 10,000 instructions a job).
-SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_waiting WHERE state = 'waiting' LIMIT 1;
+-- name: look
+-- Does any job wait (a chain's next step, a group's callback), and is any job suspect (it was running in a worker
+-- that died)? One look at two indexes that are nearly always empty, taken once a round: after the round's outcomes
+-- are written, and before its claim. A round of successes releases waiting jobs only if one waits (the lookups of
+-- :ids in `release_children_of` and `release_groups_of` cost a worker about 10,000 instructions a job); a claim runs
+-- `suspect` only if a job is suspect.
+SELECT EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_waiting WHERE state = 'waiting'),
+       EXISTS (SELECT 1 FROM fh_jobs INDEXED BY fh_jobs_suspect
+                WHERE lost > 0 AND (state = 'queued' OR state = 'scheduled' OR state = 'retrying'));
 
 -- name: release_children_of
 -- The next jobs of the chains whose previous job (one of :ids) has just succeeded.

@@ -242,17 +242,18 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         undone and the round made again, `careful`, with savepoints: one outcome that cannot be stored never holds
         back the others (`_record`), and the claim reads such text escaped (`_claim_rows`)."""
         with self._tx("record results and claim jobs") as c:
+            look = None  # (a job waits, a job is suspect), when the outcomes' writing looked (see `look`)
             if careful: accepted = self._record(c, outcomes, now)
             elif not outcomes: accepted = 0
             else:
-                try: accepted = self._finish(c, outcomes, now)
+                try: accepted, look = self._finish(c, outcomes, now)
                 except Exception as e:
                     self._check_recoverable(c, e)
                     raise _Careful from e
             if claim is None: rows = []
             elif careful: rows = self._claim_rows(c, *claim)
             else:
-                try: rows = self._claim(c, *claim)
+                try: rows = self._claim(c, *claim, look=look)
                 except sqlite3.OperationalError as e:
                     if "decode" not in str(e): raise
                     raise _Careful from e
@@ -270,12 +271,13 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
 
     def _claim(self, c: sqlite3.Connection, worker: str, queues: Sequence[str], limit: int, lease: float, now: float,
                tasks: str | None, alone: bool, ordered: bool = False,
-               limits: Limits | None = None) -> list[sqlite3.Row]:
+               limits: Limits | None = None, *, look: tuple[int, int] | None = None) -> list[sqlite3.Row]:
         p: dict[str, Any] = {"worker": worker, "lease_until": now + lease, "now": now, "limit": limit, "tasks": tasks,
                              "ordered": int(ordered)}
-        # A suspect job (lost with a worker that died) goes first, and alone: see `expire`.
-        if (suspect := c.execute(Q["suspect"], {"now": now, "queues": json.dumps(list(queues)), "tasks": tasks})
-                .fetchone()) is not None:
+        # A suspect job (lost with a worker that died) goes first, and alone: see `expire`. `look`: taken this round.
+        if look is None: look = c.execute(Q["look"]).fetchone()
+        if look[1] and (suspect := c.execute(Q["suspect"], {"now": now, "queues": json.dumps(list(queues)),
+                                                            "tasks": tasks}).fetchone()) is not None:
             return c.execute(Q["claim_seq"], {**p, "seq": suspect[0]}).fetchall() if alone else []
         # Jobs with a limit_key first, as many as their limits let in; `due` leaves them out.
         limited, alone_now = self._claim_limited(c, p, queues, limits, alone) if limits else ([], False)
@@ -300,7 +302,7 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         error: one outcome that cannot be stored never holds back the others, nor the commit carrying them."""
         if not outcomes: return 0
         c.execute("SAVEPOINT fh_outcomes")
-        try: accepted = self._finish(c, outcomes, now)
+        try: accepted = self._finish(c, outcomes, now)[0]
         except Exception as e:
             self._roll_back_to("fh_outcomes", c, e)
             accepted = sum(self._record_one(c, o, now) for o in outcomes)
@@ -309,7 +311,7 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
 
     def _record_one(self, c: sqlite3.Connection, o: Outcome, now: float) -> int:
         c.execute("SAVEPOINT fh_outcome")
-        try: n = self._finish(c, [o], now)
+        try: n = self._finish(c, [o], now)[0]
         except Exception as e:
             self._roll_back_to("fh_outcome", c, e)
             task = o.extra.get("task", "?")
@@ -318,7 +320,7 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
             log.warning("job %s (%s) failed: OutcomeError: %s", o.id, task, msg,
                         extra={"action": "fail", "job_id": o.id, "task": task, "error_type": "OutcomeError"})
             err = json.dumps({"type": "OutcomeError", "message": msg, "traceback": None})
-            try: n = self._finish(c, [Outcome("fail", o.id, o.attempt, error=err, extra=o.extra)], now)
+            try: n = self._finish(c, [Outcome("fail", o.id, o.attempt, error=err, extra=o.extra)], now)[0]
             except Exception as e2:  # not even that: the lease runs out and the job runs again
                 self._roll_back_to("fh_outcome", c, e2)
                 log.error("job %s (%s): could not record its failure either (%s: %s); it runs again once its lease "
@@ -338,19 +340,19 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
         if isinstance(e, sqlite3.Error) and isinstance(self._wrap(e, "record outcomes"), (QueueBusy, QueueUnavailable)):
             raise e
 
-    def _finish(self, c: sqlite3.Connection, outcomes: list[Outcome], now: float) -> int:
+    def _finish(self, c: sqlite3.Connection, outcomes: list[Outcome],
+                now: float) -> tuple[int, tuple[int, int] | None]:
+        """Write outcomes: (how many were accepted, the `look` taken after them when some succeeded, else None). The
+        look comes after every outcome is written (a retried suspect job is suspect again), and serves the round's
+        claim as well."""
         # An attempt's last recorded progress is committed with its outcome, and before it (the write is fenced).
         if self._progress: self._write_progress(c, self._progress.peek([(o.id, o.attempt) for o in outcomes]))
         by_kind: dict[str, list[Outcome]] = {}
         for o in outcomes: by_kind.setdefault(o.kind, []).append(o)
-        accepted = 0
+        accepted, look = 0, None
         if (ok := by_kind.get("succeed")):
             accepted += c.executemany(Q["succeed"], [{"id": o.id, "attempt": o.attempt, "now": now, "result": o.result}
                                                      for o in ok]).rowcount
-            if c.execute(Q["any_waiting"]).fetchone() is not None:  # else no chain or group waits: nothing to release
-                ids = json.dumps([o.id for o in ok])
-                c.execute(Q["release_children_of"], {"ids": ids, "now": now})
-                c.execute(Q["release_groups_of"], {"ids": ids, "now": now})
         if (rt := by_kind.get("retry")):
             accepted += c.executemany(Q["retry"], [{"id": o.id, "attempt": o.attempt, "error": o.error,
                                                     "run_at": o.run_at}
@@ -363,7 +365,13 @@ class SQLiteStore(Connection, WorkerRows, WorkflowInputs, LimitedClaims, Dashboa
                 accepted += 1
                 self._cancel_chain(c, o.id, now)
                 self._record_attempts(c, [o], "failed", now)
-        return accepted
+        if ok:
+            look = c.execute(Q["look"]).fetchone()
+            if look[0]:  # a job waits: release the chains' next steps and the groups' callbacks these successes free
+                ids = json.dumps([o.id for o in ok])
+                c.execute(Q["release_children_of"], {"ids": ids, "now": now})
+                c.execute(Q["release_groups_of"], {"ids": ids, "now": now})
+        return accepted, look
 
     def _record_attempts(self, c: sqlite3.Connection, outcomes: Sequence[Outcome], state: str, now: float) -> None:
         "Copy failed attempts just recorded (the job is now in `state` at that attempt) into fh_attempts."

@@ -560,9 +560,11 @@ def test_statements_given_job_ids_find_them_through_the_id_index(store, db):
         # And the chains' next steps are found from their parents, not among every waiting job
         plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + Q["release_children_of"], {"ids": "[]", "now": 0})]
         assert "SEARCH fh_jobs USING INDEX fh_jobs_waiting (parent=?)" in plan
-        # And whether any job waits at all (read before those two run) is one look at the waiting jobs' index
-        plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + Q["any_waiting"])]
-        assert plan == ["SCAN fh_jobs USING INDEX fh_jobs_waiting"], plan
+        # And whether any job waits or is suspect (read before those two run, and before a claim) is one look at the
+        # waiting jobs' index and the suspect jobs' index
+        plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + Q["look"])]
+        assert [p for p in plan if p.startswith("SCAN fh_jobs")] == [
+            "SCAN fh_jobs USING INDEX fh_jobs_waiting", "SCAN fh_jobs USING INDEX fh_jobs_suspect"], plan
 
 
 def test_listeners_coming_and_going_while_jobs_are_stored_and_run_lose_nothing(db):
