@@ -30,7 +30,9 @@ from .peers import Env, job_arg, load
 #: engine -> (plain peer, fh-tasks peer)
 PAIRS = {"dramatiq": ("dramatiq", "fh-dramatiq"), "celery": ("celery", "fh-celery"),
          "celery-late": ("celery-late", "fh-celery"),  # plain Celery with fh-tasks' late acks and prefetch ×1
-         "celery-p4": ("celery", "fh-celery-p4")}  # fh-tasks with Celery's own prefetch ×4 (`CeleryEngine(prefetch=4)`)
+         "celery-p4": ("celery", "fh-celery-p4"),  # fh-tasks with Celery's own prefetch ×4 (`CeleryEngine(prefetch=4)`)
+         # plain Celery as above, recording status where every host reads it: Redis results, `task_track_started`
+         "celery-status": ("celery-status", "fh-celery")}
 GOAL = 1.15
 
 

@@ -93,7 +93,7 @@ PEER_MODULES = {
     "fh-tasks": "fh_peer", "fh-tasks-async": "fh_peer", "fh-tasks-full": "fh_peer",
     "huey-sqlite": "huey_peer", "huey-redis": "huey_peer",
     "celery": "celery_peer", "fh-celery": "fh_celery_peer", "fh-celery-p4": "fh_celery_peer",
-    "celery-late": "fh_celery_peer",
+    "celery-late": "fh_celery_peer", "celery-status": "fh_celery_peer",
     "dramatiq": "dramatiq_peer",
     "fh-dramatiq": "fh_dramatiq_peer", "rq": "rq_peer",
     "rq-simple": "rq_peer", "arq": "arq_peer",

@@ -122,4 +122,44 @@ class CeleryLate(CeleryPeer):
                  str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
 
 
-PEERS = {"fh-celery": FhCelery, "fh-celery-p4": FhCeleryPrefetch, "celery-late": CeleryLate}
+#: Plain Celery configured as fh-tasks configures it and giving what a Celery user sets up for status that every host
+#: reads: a Redis result backend with `task_track_started` (a STARTED record written before the task runs, the result
+#: or error after). fh-tasks' status store does that and more (progress, events, listing, attempt counts); this pair
+#: shows what its layer costs over Celery's own way of recording status.
+STATUS = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/5"
+status_app = Celery("bench-status", broker=STATUS, backend=STATUS, set_as_current=False)
+status_app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+                       task_default_queue="bench", task_acks_late=True, worker_prefetch_multiplier=1,
+                       task_ignore_result=False, task_track_started=True, task_serializer="json",
+                       result_serializer="json", accept_content=["json"])
+
+
+@status_app.task(name="noop")
+def status_noop(arg: dict[str, Any]) -> None:
+    record(arg)
+
+
+@status_app.task(name="io")
+def status_io(arg: dict[str, Any]) -> None:
+    roundtrip(arg)
+
+
+class CeleryStatus(CeleryLate):
+    key, label = "celery-status", "Celery (Redis), late acks, prefetch ×1, Redis result backend, track started"
+    concurrency = ("`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1, "
+                   "`task_track_started=True`, results in Redis")
+
+    def reset(self) -> None:
+        self.rep += 1
+        flush_redis(STATUS)
+
+    def task(self) -> Any:
+        return status_io if self.io else status_noop
+
+    def worker_commands(self, procs: int) -> list[list[str]]:
+        return [[PY, "-m", "celery", "-A", "bench.peers.fh_celery_peer:status_app", "worker", "-P", "prefork", "-c",
+                 str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
+
+
+PEERS = {"fh-celery": FhCelery, "fh-celery-p4": FhCeleryPrefetch, "celery-late": CeleryLate,
+         "celery-status": CeleryStatus}
