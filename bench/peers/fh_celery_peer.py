@@ -86,79 +86,63 @@ class FhCeleryPrefetch(FhCelery):
     prefetch, served = 4, "tasks_p4"
 
 
-#: Plain Celery configured as fh-tasks configures it (late acks, prefetch ×1): how much of the difference between
-#: `celery` and `fh-celery` is that configuration, and how much is fh-tasks' status store.
-LATE = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/6"  # (7: fh-dramatiq)
-late_app = Celery("bench-late", broker=LATE, set_as_current=False)
-late_app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
-                     task_default_queue="bench", task_acks_late=True, worker_prefetch_multiplier=1,
-                     task_ignore_result=True)
+def late_app(name: str, url: str, **conf: Any) -> tuple[Celery, Any, Any]:
+    """Plain Celery configured as fh-tasks configures it (late acks, prefetch ×1), on `url` (broker; `backend=` for
+    results), with the benchmark's two tasks: (app, noop task, io task). `conf`: more of Celery's settings."""
+    backend = conf.pop("backend", None)
+    app = Celery(name, broker=url, backend=backend, set_as_current=False)
+    app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+                    task_default_queue="bench", task_acks_late=True, worker_prefetch_multiplier=1, **conf)
+
+    @app.task(name="noop")
+    def noop(arg: dict[str, Any]) -> None:
+        record(arg)
+
+    @app.task(name="io")
+    def io(arg: dict[str, Any]) -> None:
+        roundtrip(arg)
+
+    return app, noop, io
 
 
-@late_app.task(name="noop")
-def late_noop(arg: dict[str, Any]) -> None:
-    record(arg)
-
-
-@late_app.task(name="io")
-def late_io(arg: dict[str, Any]) -> None:
-    roundtrip(arg)
+_REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
+#: `celery-late`: how much of the difference between `celery` and `fh-celery` is that configuration, and how much is
+#: fh-tasks' status store. Redis database 6 (7: fh-dramatiq).
+LATE = f"{_REDIS}/6"
+late, late_noop, late_io = late_app("bench-late", LATE, task_ignore_result=True)
+#: `celery-status`: the same, giving what a Celery user sets up for status that every host reads: a Redis result
+#: backend with `task_track_started` (a STARTED record written before the task runs, the result or error after).
+#: fh-tasks' status store does that and more (progress, events, listing, attempt counts); this pair shows what its
+#: layer costs over Celery's own way of recording status. Redis database 5.
+STATUS = f"{_REDIS}/5"
+status, status_noop, status_io = late_app("bench-status", STATUS, backend=STATUS, task_ignore_result=False,
+                                          task_track_started=True, task_serializer="json", result_serializer="json",
+                                          accept_content=["json"])
 
 
 class CeleryLate(CeleryPeer):
     key, label = "celery-late", "Celery (Redis), late acks, prefetch ×1"
     concurrency = "`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1"
     measures = frozenset({"enqueue", "drain", "pickup"})
+    url, app, tasks = LATE, "late", (late_noop, late_io)  # its broker; its app's name in this module; (noop, io)
 
     def reset(self) -> None:
         self.rep += 1
-        flush_redis(LATE)
+        flush_redis(self.url)
 
     def task(self) -> Any:
-        return late_io if self.io else late_noop
+        return self.tasks[1] if self.io else self.tasks[0]
 
     def worker_commands(self, procs: int) -> list[list[str]]:
-        return [[PY, "-m", "celery", "-A", "bench.peers.fh_celery_peer:late_app", "worker", "-P", "prefork", "-c",
+        return [[PY, "-m", "celery", "-A", f"bench.peers.fh_celery_peer:{self.app}", "worker", "-P", "prefork", "-c",
                  str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
-
-
-#: Plain Celery configured as fh-tasks configures it and giving what a Celery user sets up for status that every host
-#: reads: a Redis result backend with `task_track_started` (a STARTED record written before the task runs, the result
-#: or error after). fh-tasks' status store does that and more (progress, events, listing, attempt counts); this pair
-#: shows what its layer costs over Celery's own way of recording status.
-STATUS = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/5"
-status_app = Celery("bench-status", broker=STATUS, backend=STATUS, set_as_current=False)
-status_app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
-                       task_default_queue="bench", task_acks_late=True, worker_prefetch_multiplier=1,
-                       task_ignore_result=False, task_track_started=True, task_serializer="json",
-                       result_serializer="json", accept_content=["json"])
-
-
-@status_app.task(name="noop")
-def status_noop(arg: dict[str, Any]) -> None:
-    record(arg)
-
-
-@status_app.task(name="io")
-def status_io(arg: dict[str, Any]) -> None:
-    roundtrip(arg)
 
 
 class CeleryStatus(CeleryLate):
     key, label = "celery-status", "Celery (Redis), late acks, prefetch ×1, Redis result backend, track started"
     concurrency = ("`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1, "
                    "`task_track_started=True`, results in Redis")
-
-    def reset(self) -> None:
-        self.rep += 1
-        flush_redis(STATUS)
-
-    def task(self) -> Any:
-        return status_io if self.io else status_noop
-
-    def worker_commands(self, procs: int) -> list[list[str]]:
-        return [[PY, "-m", "celery", "-A", "bench.peers.fh_celery_peer:status_app", "worker", "-P", "prefork", "-c",
-                 str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
+    url, app, tasks = STATUS, "status", (status_noop, status_io)
 
 
 PEERS = {"fh-celery": FhCelery, "fh-celery-p4": FhCeleryPrefetch, "celery-late": CeleryLate,
