@@ -14,18 +14,27 @@ from . import Peer
 DB = 10
 BROKER = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/{DB}"
 
-app = Celery("bench", broker=BROKER)
-app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False, task_default_queue="bench")
+def plain_app(name: str, url: str, *, current: bool = False, backend: str | None = None,
+              **conf: Any) -> tuple[Celery, Any, Any]:
+    """Plain Celery on broker `url` (results in `backend`, if given) with the benchmark's two tasks: (app, the no-op
+    task, the task making one Redis round trip). `current`: Celery's current app. `conf`: more of Celery's settings."""
+    app = Celery(name, broker=url, backend=backend, set_as_current=current)
+    app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
+                    task_default_queue="bench", **conf)
+
+    @app.task(name="noop")
+    def noop(arg: dict[str, Any]) -> None:
+        record(arg)
+
+    @app.task(name="io")
+    def io(arg: dict[str, Any]) -> None:
+        roundtrip(arg)
+
+    return app, noop, io
 
 
-@app.task(name="noop")
-def noop(arg: dict[str, Any]) -> None:
-    record(arg)
-
-
-@app.task(name="io")
-def io(arg: dict[str, Any]) -> None:
-    roundtrip(arg)
+#: Celery's defaults: early acks, prefetch ×4, no result backend.
+app, noop, io = plain_app("bench", BROKER, current=True)
 
 
 class CeleryPeer(Peer):

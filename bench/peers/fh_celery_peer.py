@@ -6,8 +6,6 @@ import os
 import tempfile
 from typing import Any
 
-from celery import Celery
-
 from fh_tasks import Tasks
 from fh_tasks.engine import EngineSettings
 from fh_tasks.engines.celery import CeleryEngine
@@ -16,7 +14,7 @@ from ..common import PY, flush_redis
 from ..io_job import roundtrip
 from ..probe import record
 from . import Peer, job_arg
-from .celery_peer import CeleryPeer
+from .celery_peer import CeleryPeer, plain_app
 
 DB = 8
 URL = f"{os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}/{DB}"
@@ -86,38 +84,22 @@ class FhCeleryPrefetch(FhCelery):
     prefetch, served = 4, "tasks_p4"
 
 
-def late_app(name: str, url: str, **conf: Any) -> tuple[Celery, Any, Any]:
-    """Plain Celery configured as fh-tasks configures it (late acks, prefetch ×1), on `url` (broker; `backend=` for
-    results), with the benchmark's two tasks: (app, noop task, io task). `conf`: more of Celery's settings."""
-    backend = conf.pop("backend", None)
-    app = Celery(name, broker=url, backend=backend, set_as_current=False)
-    app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
-                    task_default_queue="bench", task_acks_late=True, worker_prefetch_multiplier=1, **conf)
-
-    @app.task(name="noop")
-    def noop(arg: dict[str, Any]) -> None:
-        record(arg)
-
-    @app.task(name="io")
-    def io(arg: dict[str, Any]) -> None:
-        roundtrip(arg)
-
-    return app, noop, io
-
+#: Celery set up as fh-tasks sets it up: late acks, prefetch ×1.
+LATE_ACKS = {"task_acks_late": True, "worker_prefetch_multiplier": 1}
 
 _REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
 #: `celery-late`: how much of the difference between `celery` and `fh-celery` is that configuration, and how much is
 #: fh-tasks' status store. Redis database 6 (7: fh-dramatiq).
 LATE = f"{_REDIS}/6"
-late, late_noop, late_io = late_app("bench-late", LATE, task_ignore_result=True)
+late, late_noop, late_io = plain_app("bench-late", LATE, task_ignore_result=True, **LATE_ACKS)
 #: `celery-status`: the same, giving what a Celery user sets up for status that every host reads: a Redis result
 #: backend with `task_track_started` (a STARTED record written before the task runs, the result or error after).
 #: fh-tasks' status store does that and more (progress, events, listing, attempt counts); this pair shows what its
 #: layer costs over Celery's own way of recording status. Redis database 5.
 STATUS = f"{_REDIS}/5"
-status, status_noop, status_io = late_app("bench-status", STATUS, backend=STATUS, task_ignore_result=False,
-                                          task_track_started=True, task_serializer="json", result_serializer="json",
-                                          accept_content=["json"])
+status, status_noop, status_io = plain_app("bench-status", STATUS, backend=STATUS, task_ignore_result=False,
+                                           task_track_started=True, task_serializer="json", result_serializer="json",
+                                           accept_content=["json"], **LATE_ACKS)
 
 
 class CeleryLate(CeleryPeer):
