@@ -74,8 +74,9 @@ print(n / dt)
 """
 
 
-#: The drain of `--instructions`: `prep DB N` fills a store with N queued no-op jobs (outside valgrind); `drain DB N
-#: KIND` drains it with a burst worker of 8 and prints its rounds: {"outcomes/claimed per transaction": count}.
+#: The drain of `--instructions`: `prep DB N` fills a store with N queued no-op jobs (outside valgrind) and prints N;
+#: `drain DB N KIND` drains it with a burst worker of 8 and prints its rounds: {"outcomes/claimed per transaction":
+#: count}.
 INSTR_DRAIN = """
 import asyncio, collections, json, sys, time
 from fh_tasks import Tasks
@@ -90,6 +91,7 @@ t = tasks.task(name="bench.noop")(noop)
 if mode == "prep":
     jobs = [t.new_job(({"t": time.time(), "user": 42, "tag": "bench"},), {}, t.options) for _ in range(n)]
     for i in range(0, n, 500): tasks.store.enqueue(jobs[i:i + 500])
+    print(n)
 else:
     store, rounds = tasks.store, collections.Counter()
     finish_and_claim = store.finish_and_claim
@@ -139,7 +141,7 @@ def instructions(old: str, jobs: int, workdir: Path) -> dict[str, Any]:
             for n in (jobs, 2 * jobs):
                 if kind:
                     db = workdir / f"instr-{who}-{kind}-{n}.db"
-                    _run(INSTR_DRAIN + "print(0)", path, "prep", db, n, kind)
+                    _run(INSTR_DRAIN, path, "prep", db, n, kind)
                     total, memory, last = _callgrind(INSTR_DRAIN, path, workdir, "drain", db, n, kind)
                     rounds.append(json.loads(last))
                 else:

@@ -42,13 +42,16 @@ class CeleryPeer(Peer):
     concurrency = "`celery worker -P prefork -c 1` (one pool child; 2 processes: `-c 2`), default prefetch ×4"
     batch_api = "`group(noop.s(...) ...).apply_async()` (one producer, one message per job)"
 
+    #: Its broker (flushed before each repetition), its app as `celery -A` names it, its (no-op, round-trip) tasks.
+    url, app, tasks = BROKER, "bench.peers.celery_peer:app", (noop, io)
+
     def reset(self) -> None:
         self.rep += 1
-        flush_redis(BROKER)
+        flush_redis(self.url)
 
     def task(self) -> Any:
         "The Celery task `put` sends: the no-op job, or (`io`) the one with a Redis round trip."
-        return io if self.io else noop
+        return self.tasks[1] if self.io else self.tasks[0]
 
     def put(self, arg: dict[str, Any]) -> None:
         self.task().delay(arg)
@@ -61,8 +64,8 @@ class CeleryPeer(Peer):
         return True
 
     def worker_commands(self, procs: int) -> list[list[str]]:
-        return [[PY, "-m", "celery", "-A", "bench.peers.celery_peer:app", "worker", "-P", "prefork", "-c", str(procs),
-                 "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
+        return [[PY, "-m", "celery", "-A", self.app, "worker", "-P", "prefork", "-c", str(procs), "-l", "WARNING",
+                 "--without-gossip", "--without-mingle", "--without-heartbeat"]]
 
 
 PEERS = {"celery": CeleryPeer}

@@ -106,25 +106,14 @@ class CeleryLate(CeleryPeer):
     key, label = "celery-late", "Celery (Redis), late acks, prefetch ×1"
     concurrency = "`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1"
     measures = frozenset({"enqueue", "drain", "pickup"})
-    url, app, tasks = LATE, "late", (late_noop, late_io)  # its broker; its app's name in this module; (noop, io)
-
-    def reset(self) -> None:
-        self.rep += 1
-        flush_redis(self.url)
-
-    def task(self) -> Any:
-        return self.tasks[1] if self.io else self.tasks[0]
-
-    def worker_commands(self, procs: int) -> list[list[str]]:
-        return [[PY, "-m", "celery", "-A", f"bench.peers.fh_celery_peer:{self.app}", "worker", "-P", "prefork", "-c",
-                 str(procs), "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]]
+    url, app, tasks = LATE, "bench.peers.fh_celery_peer:late", (late_noop, late_io)
 
 
 class CeleryStatus(CeleryLate):
     key, label = "celery-status", "Celery (Redis), late acks, prefetch ×1, Redis result backend, track started"
     concurrency = ("`celery worker -P prefork -c 1` (2 processes: `-c 2`), `acks_late=True`, prefetch ×1, "
                    "`task_track_started=True`, results in Redis")
-    url, app, tasks = STATUS, "status", (status_noop, status_io)
+    url, app, tasks = STATUS, "bench.peers.fh_celery_peer:status", (status_noop, status_io)
 
 
 PEERS = {"fh-celery": FhCelery, "fh-celery-p4": FhCeleryPrefetch, "celery-late": CeleryLate,
