@@ -33,6 +33,34 @@ def test_a_held_command_is_written_with_the_next_one_or_a_flush(status: StatusSt
     assert w.read(t) == 3
 
 
+PACKED = [("EVALSHA", "a" * 40, 1, "{fh}", "1764000000.123456", 100000, "w@host:12", 30.0, 3, 0.0, "", -5),
+          ("SET", "k", 0.1 + 0.2), ("SET", "k", 1e-7), ("SET", "k", 2**70), ("SET", "k", "é☃ \r\n$3"),
+          ("HSET", "k", "f", b"\x00\xff raw"), ("SET", "k", memoryview(b"view")), ("SET", "k", bytearray(b"ba"))]
+
+
+@pytest.mark.parametrize("args", PACKED, ids=lambda a: type(a[-1]).__name__)
+def test_a_command_is_packed_as_redis_py_packs_it(status: StatusStore, args: tuple[Any, ...]) -> None:
+    from fh_tasks.engines import status as module
+    conn = status._wire().conn
+    # hiredis' packer where it takes the arguments, redis-py's otherwise: the same bytes either way
+    assert b"".join(module._pack(conn, args)) == b"".join(conn.pack_command(*args))
+
+
+def test_without_hiredis_commands_are_packed_by_redis_py(status: StatusStore, namespace: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from fh_tasks.engines import status as module
+    assert module._hiredis_pack is not None  # the extras install it: the fast path is the one the tests run
+    monkeypatch.setattr(module, "_hiredis_pack", None)
+    w, k = status._wire(), status.key("nohiredis")
+    assert w.read(w.send("SET", k, 1.5)) in ("OK", True) and status.redis.get(k) == "1.5"
+    # a value neither packer takes is refused where it is sent, and the connection goes on
+    import redis
+    with pytest.raises(redis.exceptions.DataError): w.send("SET", k, None)
+    monkeypatch.undo()
+    with pytest.raises(redis.exceptions.DataError): w.send("SET", k, True)
+    assert w.read(w.send("GET", k)) == "1.5"
+
+
 @pytest.fixture
 def hub(test_redis: str, namespace: str, tmp_path: Path) -> Iterator[Tasks]:
     from fh_tasks.engines.dramatiq import DramatiqEngine
