@@ -1,4 +1,5 @@
-"""The load scenario's job body: one Redis round trip (INCR on a counter in DB 14), then the probe's record.
+"""The load scenario's job body: one Redis round trip (INCR on a counter in DB 14), then the probe's record. An
+argument with `sleep` (seconds) also sleeps that long first: the long jobs of the mixed measure (`bench/mixed.py`).
 
 Sync bodies share one `redis.Redis` per process (a thread-safe pool); async bodies one `redis.asyncio.Redis` per
 event loop. The counter is never read back: the round trip is the point.
@@ -33,15 +34,17 @@ def _client() -> Any:
 
 
 def roundtrip(arg: dict[str, Any]) -> None:
-    "A sync job: one Redis command, then record (enqueued, started, ended)."
+    "A sync job: one Redis command (after `arg['sleep']` seconds, if given), then record (enqueued, started, ended)."
     started = time.time()
+    if arg.get("sleep"): time.sleep(arg["sleep"])
     _client().incr("bench:io")
     record(arg, started)
 
 
 async def aroundtrip(arg: dict[str, Any]) -> None:
-    "An async job: one Redis command on this loop's client, then record."
+    "An async job: one Redis command on this loop's client (after `arg['sleep']` seconds, if given), then record."
     started = time.time()
+    if arg.get("sleep"): await asyncio.sleep(arg["sleep"])
     key = id(asyncio.get_running_loop())
     if (c := _async.get(key)) is None:
         import redis.asyncio

@@ -1,6 +1,7 @@
 """fh-tasks on a broker engine against the plain library it runs on, measured in pairs: enqueue (one call per job),
 drain (N queued jobs, one worker process; no-op jobs, and again with jobs that make one Redis round trip:
-`drain-io`) and cross-process pickup, the two peers alternating within each
+`drain-io`), cross-process pickup and the short jobs' p99 wait beside long ones on two worker hosts (`mixed`,
+`bench/mixed.py`), the two peers alternating within each
 repetition so that a noisy machine moves both alike (enqueue: in alternating blocks of a tenth of the jobs).
 Ratios are fh-tasks' cost over the plain library's (≤ 1.15 is the goal: "at most 15 % slower"), the median of the
 per-repetition ratios. Each drain also reports the machine's CPU time per job (every process: workers, broker, status
@@ -9,6 +10,7 @@ store), its ratio beside the time's: what a job costs in CPU, which a busy host 
     python -m bench.pairs dramatiq            # fh-dramatiq vs dramatiq, 5 repetitions
     python -m bench.pairs dramatiq --reps 3 --jobs 5000 --out /tmp/pairs.json
     python -m bench.pairs celery --procs 2   # drains with 2 pool processes (Dramatiq: 2 worker processes)
+    python -m bench.pairs celery --only mixed --reps 3
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import drain, pickup
+from . import drain, mixed, pickup
 from .common import Settings, cpu_ticks, ensure_redis, log, steal_since
 from .peers import Env, job_arg, load
 
@@ -58,9 +60,14 @@ def _enqueue_pair(peers: dict[str, Any], n: int, first: str) -> dict[str, float]
 
 
 def _once(peer: Any, what: str, s: Settings, jobs: int, procs: int = 1) -> tuple[float, float | None]:
-    """One measurement of `what` (drain or pickup), as a cost (lower is better): seconds per job, or pickup p50 ms;
-    and for a drain, the machine's CPU seconds per job (`drain.once`). `procs`: the drains' worker processes
-    (Celery: pool processes of one worker)."""
+    """One measurement of `what` (drain, pickup or mixed), as a cost (lower is better): seconds per job, pickup p50
+    ms, or the short jobs' p99 wait (ms) under the mixed load; and for a drain, the machine's CPU seconds per job
+    (`drain.once`). `procs`: the drains' worker processes (Celery: pool processes of one worker)."""
+    if what == "mixed":
+        r = mixed.once(peer)
+        log(f"    mixed {peer.label}: short jobs' wait p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+            f"max {r['max_ms']:.1f} ms ({r['short']} short, {r['long']} long)")
+        return float(r["p99_ms"]), None
     if what in ("drain", "drain-io"):
         peer.io = what == "drain-io"  # the job body: a no-op, or one Redis round trip (bench/io_job.py)
         try: r = drain.once(peer, procs, jobs, s.drain_budget)
@@ -71,11 +78,16 @@ def _once(peer: Any, what: str, s: Settings, jobs: int, procs: int = 1) -> tuple
     return float(r["p50_ms"]["median"]), None
 
 
-def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env, procs: int = 1) -> dict[str, Any]:
+#: What `measure` takes, in order. `mixed` (`bench/mixed.py`): the short jobs' p99 wait beside long jobs.
+MEASURES = ("enqueue", "drain", "drain-io", "pickup", "mixed")
+
+
+def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env, procs: int = 1,
+            only: tuple[str, ...] = MEASURES) -> dict[str, Any]:
     plain_key, fh_key = PAIRS[engine]
     peers = {k: load(k, env) for k in (plain_key, fh_key)}
     out: dict[str, Any] = {"pair": [plain_key, fh_key], "reps": reps, "jobs": jobs, "procs": procs, "measures": {}}
-    for what in ("enqueue", "drain", "drain-io", "pickup"):
+    for what in (m for m in MEASURES if m in only):
         costs: dict[str, list[float]] = {plain_key: [], fh_key: []}
         cpu: dict[str, list[float | None]] = {plain_key: [], fh_key: []}
         for rep in range(reps):
@@ -92,8 +104,9 @@ def measure(engine: str, reps: int, jobs: int, s: Settings, env: Env, procs: int
         m = statistics.median(ratios)
         out["measures"][what] = {"plain": costs[plain_key], "fh": costs[fh_key], "ratios": ratios, "ratio": m,
                                  "goal": GOAL, "met": m <= GOAL}
-        unit = "ms" if what == "pickup" else "jobs/s"
-        show = (lambda c: statistics.median(c)) if what == "pickup" else (lambda c: 1 / statistics.median(c))
+        in_ms = what in ("pickup", "mixed")
+        unit = "ms" if in_ms else "jobs/s"
+        show = (lambda c: statistics.median(c)) if in_ms else (lambda c: 1 / statistics.median(c))
         log(f"  {what:8} {plain_key} {show(costs[plain_key]):>9,.1f} {unit}   {fh_key} {show(costs[fh_key]):>9,.1f} "
             f"{unit}   cost ratio {m:.2f} (per rep: {', '.join(f'{r:.2f}' for r in ratios)})")
         pairs = [(f, p) for f, p in zip(cpu[fh_key], cpu[plain_key], strict=True) if f is not None and p]
@@ -116,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enqueue", type=int, default=2000, help="jobs per enqueue measurement")
     ap.add_argument("--procs", type=int, default=1,
                     help="worker processes per drain (Celery: pool processes of one worker)")
+    ap.add_argument("--only", default=",".join(MEASURES),
+                    help=f"the measures to take, comma-separated (default: all of {','.join(MEASURES)})")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     a = ap.parse_args(argv)
     if a.procs < 1: ap.error("--procs must be 1 or more")
+    only = tuple(m.strip() for m in a.only.split(",") if m.strip())
+    if not only or set(only) - set(MEASURES): ap.error(f"--only takes measures among {', '.join(MEASURES)}")
     workdir = Path(tempfile.mkdtemp(prefix="fh-pairs-"))
     redis, proc = ensure_redis(workdir)
     os.environ["BENCH_REDIS"] = redis
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{a.engine}: fh-tasks vs plain, {a.reps} paired repetitions, {a.procs} worker process(es) per drain, "
         f"Redis {redis}, load {os.getloadavg()[0]:.2f}")
     ticks = cpu_ticks()
-    try: res = measure(a.engine, a.reps, a.jobs, s, Env(workdir, redis), a.procs)
+    try: res = measure(a.engine, a.reps, a.jobs, s, Env(workdir, redis), a.procs, only)
     finally:
         if proc is not None: proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)

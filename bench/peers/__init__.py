@@ -74,10 +74,16 @@ class Peer(ABC):
     def worker_env(self) -> dict[str, str]:
         return {}
 
-    def start_workers(self, procs: int, probe_dir: Path, tag: str = "") -> list[Proc]:
+    def host_commands(self, hosts: int) -> list[list[str]]:
+        """`hosts` separate worker processes, each as `worker_commands(1)` starts it (as on `hosts` machines, one
+        worker each): the mixed measure (`bench/mixed.py`), where a long job may hold up jobs its worker fetched."""
+        return [cmd for _ in range(hosts) for cmd in self.worker_commands(1)]
+
+    def start_workers(self, procs: int, probe_dir: Path, tag: str = "", hosts: int = 0) -> list[Proc]:
+        "`procs` worker processes as `worker_commands` starts them; or (`hosts`) that many as `host_commands` does."
         from ..probe import ENV
         env = {**self.worker_env(), ENV: str(probe_dir)}
-        cmds = self.worker_commands(procs)
+        cmds = self.host_commands(hosts) if hosts else self.worker_commands(procs)
         return [Proc(cmd, env=env, log=self.dir / f"worker{tag}-{i}.log") for i, cmd in enumerate(cmds)]
 
     def stop_workers(self, procs: list[Proc]) -> None:

@@ -67,5 +67,9 @@ class CeleryPeer(Peer):
         return [[PY, "-m", "celery", "-A", self.app, "worker", "-P", "prefork", "-c", str(procs), "-l", "WARNING",
                  "--without-gossip", "--without-mingle", "--without-heartbeat"]]
 
+    def host_commands(self, hosts: int) -> list[list[str]]:
+        "One worker per host as `worker_commands(1)`, each with a node name of its own (`-n`), as on separate hosts."
+        return [[*self.worker_commands(1)[0], "-n", f"bench{i}@%h"] for i in range(hosts)]
+
 
 PEERS = {"celery": CeleryPeer}
