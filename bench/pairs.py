@@ -1,8 +1,8 @@
 """fh-tasks on a broker engine against the plain library it runs on, measured in pairs: enqueue (one call per job),
 drain (N queued jobs, one worker process; no-op jobs, and again with jobs that make one Redis round trip:
-`drain-io`), cross-process pickup and the short jobs' p99 wait beside long ones on two worker hosts (`mixed`,
-`bench/mixed.py`), the two peers alternating within each
-repetition so that a noisy machine moves both alike (enqueue: in alternating blocks of a tenth of the jobs).
+`drain-io`), cross-process pickup, and the short jobs' p99 wait beside long ones on two worker hosts (`mixed`,
+`bench/mixed.py`). The two peers alternate within each repetition so that a noisy machine moves both alike
+(enqueue: in alternating blocks of a tenth of the jobs).
 Ratios are fh-tasks' cost over the plain library's (≤ 1.15 is the goal: "at most 15 % slower"), the median of the
 per-repetition ratios. Each drain also reports the machine's CPU time per job (every process: workers, broker, status
 store), its ratio beside the time's: what a job costs in CPU, which a busy host disturbs less than throughput.
