@@ -36,11 +36,11 @@ def once(peer: Peer, *, hosts: int = HOSTS, rate: float = RATE, seconds: float =
     alive = lambda: all(w.alive() for w in workers)  # noqa: E731
     try:
         deadline = time.monotonic() + 45
-        while probe.count(str(d)) < 2 * hosts:  # every worker up: its first jobs ran
+        while probe.writers(str(d)) < hosts:  # every worker up: each has run a job
             if time.monotonic() > deadline or not alive(): raise RuntimeError(f"{peer.label}: workers did not start")
             peer.put(job_arg())
-            wait_until(lambda: probe.count(str(d)) >= 2 * hosts, 0.25, 0.01)
-        time.sleep(2.0)  # the slower worker's consumer is up too (Celery's main process starts after its first jobs)
+            wait_until(lambda: probe.writers(str(d)) >= hosts, 0.25, 0.01)
+        time.sleep(2.0)  # settle: connections made, the warm-up jobs' records written
         before, since = probe.count(str(d)), time.time()
         n = int(rate * seconds)
         t0 = time.perf_counter()

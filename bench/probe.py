@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["record", "reset", "count", "records", "ENV"]
+__all__ = ["record", "reset", "count", "writers", "records", "ENV"]
 
 #: Environment variable naming the directory the records go to.
 ENV = "BENCH_PROBE_DIR"
@@ -59,6 +59,11 @@ def count(d: str) -> int:
         try: total += os.path.getsize(f) // _REC.size
         except OSError: pass
     return total
+
+
+def writers(d: str) -> int:
+    "How many processes have recorded a job in directory `d` so far (one file each)."
+    return len(_files(d))
 
 
 def records(d: str, since: float = 0.0) -> list[tuple[float, float, float]]:
